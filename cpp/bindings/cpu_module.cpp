@@ -1,0 +1,184 @@
+// lmxent._cpu: NumPy arrays -> kernel views. Checks what the kernels assume
+// (2-D, contiguous last axis, aligned, dtypes, lengths, writability), releases
+// the GIL and calls the kernel table chosen at load time. The public API in
+// python/lmxent reshapes, validates values and allocates outputs.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#include "../cpu/kernels.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+using lmxent::DType;
+using lmxent::View2D;
+
+namespace {
+
+py::object& bf16_dtype() {
+  static py::object dt = [] {
+    try {
+      return py::object(py::module_::import("numpy").attr("dtype")(
+          py::module_::import("ml_dtypes").attr("bfloat16")));
+    } catch (py::error_already_set&) {
+      return py::object(py::none());
+    }
+  }();
+  return dt;
+}
+
+[[noreturn]] void fail(const std::string& name, const std::string& what) {
+  throw py::value_error(name + ": " + what);
+}
+
+DType dtype_of(const py::array& a, const std::string& name) {
+  py::dtype dt = a.dtype();
+  const bool native = py::cast<bool>(py::reinterpret_borrow<py::object>(dt).attr("isnative"));
+  if (dt.kind() == 'f' && native) {
+    switch (dt.itemsize()) {
+      case 4: return DType::F32;
+      case 8: return DType::F64;
+      case 2: return DType::F16;
+    }
+  }
+  if (!bf16_dtype().is_none() && py::reinterpret_borrow<py::object>(dt).equal(bf16_dtype()))
+    return DType::BF16;
+  fail(name, "unsupported dtype " + std::string(py::str(dt)) +
+                 " (expected float32, float64, float16 or ml_dtypes.bfloat16)");
+}
+
+size_t itemsize(DType d) { return d == DType::F64 ? 8 : d == DType::F32 ? 4 : 2; }
+
+View2D view(const py::array& a, const std::string& name, bool writable) {
+  View2D v;
+  v.dtype = dtype_of(a, name);
+  if (a.ndim() != 2) fail(name, "expected a 2-D array, got " + std::to_string(a.ndim()) + "-D");
+  const py::ssize_t is = (py::ssize_t)itemsize(v.dtype);
+  if (a.shape(1) > 1 && a.strides(1) != is) fail(name, "the last axis must be contiguous");
+  if (a.strides(0) % is != 0) fail(name, "row stride is not a multiple of the item size");
+  if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_)) fail(name, "array is not aligned");
+  if (writable && !a.writeable()) fail(name, "array is read-only");
+  v.data = const_cast<void*>(a.data());
+  v.rows = a.shape(0);
+  v.cols = a.shape(1);
+  v.stride = a.strides(0) / is;
+  return v;
+}
+
+// A contiguous 1-D array of the compute type with n elements, or None.
+void* vec(const py::object& o, DType compute, int64_t n, const std::string& name, bool writable) {
+  if (o.is_none()) return nullptr;
+  py::array a = py::reinterpret_borrow<py::array>(o);
+  if (dtype_of(a, name) != compute) fail(name, compute == DType::F64 ? "expected float64" : "expected float32");
+  if (a.ndim() != 1 || a.shape(0) != n) fail(name, "expected shape (" + std::to_string(n) + ",)");
+  if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_)) fail(name, "must be contiguous");
+  if (writable && !a.writeable()) fail(name, "array is read-only");
+  return const_cast<void*>(a.data());
+}
+
+DType compute_of(DType d) { return d == DType::F64 ? DType::F64 : DType::F32; }
+
+void softmax(const py::array& x, const py::object& out, const py::object& lse, double scale, bool log) {
+  lmxent::SoftmaxArgs a;
+  a.x = view(x, "x", false);
+  if (!out.is_none()) {
+    a.out = view(py::reinterpret_borrow<py::array>(out), "out", true);
+    if (a.out.dtype != a.x.dtype || a.out.rows != a.x.rows || a.out.cols != a.x.cols)
+      fail("out", "must have the shape and dtype of x");
+  }
+  a.lse = vec(lse, compute_of(a.x.dtype), a.x.rows, "lse", true);
+  a.tr.scale = scale;
+  a.log = log;
+  py::gil_scoped_release nogil;
+  lmxent::cpu::active().softmax(a);
+}
+
+void cross_entropy(const py::array& logits, const py::object& targets, const py::object& probs,
+                   const py::object& class_weight, int64_t ignore_index, double scale,
+                   double softcap, double smoothing, double z_loss, const py::object& loss,
+                   const py::object& lse, bool lse_given, const py::object& grad,
+                   double grad_scale, const py::object& grad_rows) {
+  lmxent::CEArgs a;
+  a.logits = view(logits, "logits", false);
+  const DType c = compute_of(a.logits.dtype);
+  const int64_t n = a.logits.rows, V = a.logits.cols;
+  if (targets.is_none() == probs.is_none()) fail("targets", "give exactly one of class ids or probabilities");
+  if (!targets.is_none()) {
+    py::array t = py::reinterpret_borrow<py::array>(targets);
+    if (!py::isinstance<py::array_t<int64_t>>(t) || t.ndim() != 1 || t.shape(0) != n ||
+        !(t.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
+      fail("targets", "expected contiguous int64 of shape (" + std::to_string(n) + ",)");
+    a.targets = (const int64_t*)t.data();
+  } else {
+    a.probs = view(py::reinterpret_borrow<py::array>(probs), "targets", false);
+    if (a.probs.dtype != c || a.probs.rows != n || a.probs.cols != V)
+      fail("targets", "probabilities must match the logits' shape in the compute dtype");
+  }
+  a.class_weight = vec(class_weight, c, V, "weight", false);
+  a.ignore_index = ignore_index;
+  a.tr.scale = scale;
+  a.tr.softcap = softcap;
+  a.smoothing = smoothing;
+  a.z_loss = z_loss;
+  a.loss = vec(loss, c, n, "loss", true);
+  a.lse = vec(lse, c, n, "lse", !lse_given);
+  a.lse_given = lse_given;
+  if (lse_given && !a.lse) fail("lse", "required");
+  if (!grad.is_none()) {
+    a.grad = view(py::reinterpret_borrow<py::array>(grad), "grad", true);
+    if (a.grad.dtype != a.logits.dtype || a.grad.rows != n || a.grad.cols != V)
+      fail("grad", "must have the shape and dtype of the logits");
+  }
+  a.grad_scale = grad_scale;
+  a.grad_rows = vec(grad_rows, c, n, "grad_output", false);
+  py::gil_scoped_release nogil;
+  lmxent::cpu::active().cross_entropy(a);
+}
+
+void math(const py::array& in, const py::array& out, int fn) {
+  View2D i = view(in, "in", false), o = view(out, "out", true);
+  if (i.dtype != o.dtype || i.rows != 1 || o.rows != 1 || i.cols != o.cols || i.dtype == DType::F16 ||
+      i.dtype == DType::BF16)
+    fail("math", "expects two (1, n) float32 or float64 arrays");
+  py::gil_scoped_release nogil;
+  lmxent::cpu::active().math(i.data, o.data, i.cols, i.dtype, fn);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu, m) {
+  m.doc() = "lmxent CPU kernels";
+  m.def("softmax", &softmax, py::arg("x"), py::arg("out"), py::arg("lse"), py::arg("scale"), py::arg("log"));
+  m.def("cross_entropy", &cross_entropy, py::arg("logits"), py::arg("targets"), py::arg("probs"),
+        py::arg("class_weight"), py::arg("ignore_index"), py::arg("scale"), py::arg("softcap"),
+        py::arg("smoothing"), py::arg("z_loss"), py::arg("loss"), py::arg("lse"), py::arg("lse_given"),
+        py::arg("grad"), py::arg("grad_scale"), py::arg("grad_rows"));
+  m.def("math", &math);
+  m.def("isa", [] { return std::string(lmxent::cpu::active().isa); });
+  m.def("set_isa", [](const std::string& name) {
+    if (!lmxent::cpu::select(name.c_str())) fail("isa", "'" + name + "' is not available on this processor");
+  });
+  m.def("available_isas", [] {
+    const char* names[8];
+    int k = lmxent::cpu::available(names, 8);
+    py::list l;
+    for (int i = 0; i < k; ++i) l.append(names[i]);
+    return l;
+  });
+  m.def("max_threads", [] {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+  });
+  m.def("set_num_threads", [](int n) {
+    if (n < 1) fail("num_threads", "must be >= 1");
+#ifdef _OPENMP
+    omp_set_num_threads(n);
+#endif
+  });
+}

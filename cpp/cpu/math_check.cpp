@@ -1,0 +1,24 @@
+// Array versions of the vector exp and tanh, so tests can measure their
+// error against the C library on every instruction-set build.
+#include "simd.h"
+#include "rows.h"
+
+namespace lmxent {
+namespace cpu {
+inline namespace LMXENT_ISA {
+
+template <class C>
+static void map_math(const C* in, C* out, int64_t n, int fn) {
+  row_map(in, out, 0, n, [fn](V<C> x, int64_t, int64_t) { return fn == 0 ? vexp(x) : vtanh<C>(x); });
+}
+
+void math(const void* in, void* out, int64_t n, DType dtype, int fn) {
+  if (dtype == DType::F64)
+    map_math((const double*)in, (double*)out, n, fn);
+  else
+    map_math((const float*)in, (float*)out, n, fn);
+}
+
+}  // namespace LMXENT_ISA
+}  // namespace cpu
+}  // namespace lmxent

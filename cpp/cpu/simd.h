@@ -1,0 +1,223 @@
+// The vector layer of the CPU kernels. Each kernel source is compiled once per
+// instruction set (LMXENT_ISA = base | avx2 | avx512, with the matching -m
+// flags); this header turns that into a vector width and GCC/Clang vector
+// extension types, so the kernels are written once, without intrinsics, and
+// the compiler emits SSE2, AVX2+FMA or AVX-512 code from the same lines.
+//
+// Also here: loads/stores that convert float16/bfloat16/float32/float64 to
+// the compute type, and our own vectorised exp and tanh (measured against
+// std::exp in tests/test_simd.py).
+#pragma once
+#include <stdint.h>
+#include <string.h>
+
+#include "lmxent/contract.h"
+
+#if defined(__AVX512F__)
+#define LMXENT_VBYTES 64
+#elif defined(__AVX2__)
+#define LMXENT_VBYTES 32
+#else
+#define LMXENT_VBYTES 16
+#endif
+#if defined(__F16C__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace lmxent {
+namespace cpu {
+inline namespace LMXENT_ISA {
+
+struct bf16_t { uint16_t bits; };
+struct f16_t { uint16_t bits; };
+
+template <class T> struct Vec;
+template <> struct Vec<float> {
+  typedef float type __attribute__((vector_size(LMXENT_VBYTES), aligned(4)));
+  typedef int32_t itype __attribute__((vector_size(LMXENT_VBYTES), aligned(4)));
+  typedef uint32_t utype __attribute__((vector_size(LMXENT_VBYTES), aligned(4)));
+  typedef uint16_t htype __attribute__((vector_size(LMXENT_VBYTES / 2), aligned(2)));
+  static constexpr int W = LMXENT_VBYTES / 4;
+};
+template <> struct Vec<double> {
+  typedef double type __attribute__((vector_size(LMXENT_VBYTES), aligned(8)));
+  typedef int64_t itype __attribute__((vector_size(LMXENT_VBYTES), aligned(8)));
+  static constexpr int W = LMXENT_VBYTES / 8;
+};
+
+// Storage type -> compute type: double for double, float for everything else.
+template <class T> struct Compute { typedef float type; };
+template <> struct Compute<double> { typedef double type; };
+
+template <class C> using V = typename Vec<C>::type;
+template <class C> using VI = typename Vec<C>::itype;
+
+template <class C> inline V<C> splat(C v) { return V<C>{} + v; }
+template <class C> inline V<C> vmax(V<C> a, V<C> b) { return a > b ? a : b; }
+template <class C> inline V<C> vselect(VI<C> m, V<C> a, V<C> b) { return m ? a : b; }
+
+template <class C> inline C hsum(V<C> v) {
+  C s = 0;
+  for (int i = 0; i < Vec<C>::W; ++i) s += v[i];
+  return s;
+}
+// Horizontal max that keeps a NaN (NaN wins).
+template <class C> inline C hmax(V<C> v) {
+  C m = v[0];
+  for (int i = 1; i < Vec<C>::W; ++i) m = (v[i] > m || v[i] != v[i]) ? v[i] : m;
+  return m;
+}
+
+// ---- loads and stores with conversion -------------------------------------
+
+inline V<float> load(const float* p) { V<float> v; memcpy(&v, p, sizeof v); return v; }
+inline V<double> load(const double* p) { V<double> v; memcpy(&v, p, sizeof v); return v; }
+inline void store(float* p, V<float> v) { memcpy(p, &v, sizeof v); }
+inline void store(double* p, V<double> v) { memcpy(p, &v, sizeof v); }
+
+inline V<float> load(const bf16_t* p) {
+  Vec<float>::htype h;
+  memcpy(&h, p, sizeof h);
+  Vec<float>::utype u = __builtin_convertvector(h, Vec<float>::utype) << 16;
+  return (V<float>)u;
+}
+// Round to nearest even; NaN stays a (quiet) NaN.
+inline void store(bf16_t* p, V<float> v) {
+  typedef Vec<float>::utype U;
+  U u = (U)v;
+  U r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16;
+  r = (VI<float>)(v != v) ? ((u >> 16) | 0x40) : r;
+  Vec<float>::htype h = __builtin_convertvector(r & 0xFFFF, Vec<float>::htype);
+  memcpy(p, &h, sizeof h);
+}
+
+inline float f16_to_float(f16_t h) { _Float16 f; memcpy(&f, &h, 2); return (float)f; }
+inline f16_t float_to_f16(float v) { _Float16 f = (_Float16)v; f16_t h; memcpy(&h, &f, 2); return h; }
+
+inline V<float> load(const f16_t* p) {
+#if LMXENT_VBYTES == 64
+  return (V<float>)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+#elif LMXENT_VBYTES == 32 && defined(__F16C__)
+  return (V<float>)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+#else
+  V<float> v;
+  for (int i = 0; i < Vec<float>::W; ++i) v[i] = f16_to_float(p[i]);
+  return v;
+#endif
+}
+inline void store(f16_t* p, V<float> v) {
+#if LMXENT_VBYTES == 64
+  _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT));
+#elif LMXENT_VBYTES == 32 && defined(__F16C__)
+  _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT));
+#else
+  for (int i = 0; i < Vec<float>::W; ++i) p[i] = float_to_f16(v[i]);
+#endif
+}
+
+// Scalar conversions, for single elements (the target logit).
+inline float to_compute(float v) { return v; }
+inline double to_compute(double v) { return v; }
+inline float to_compute(bf16_t v) { uint32_t u = (uint32_t)v.bits << 16; float f; memcpy(&f, &u, 4); return f; }
+inline float to_compute(f16_t v) { return f16_to_float(v); }
+inline void from_compute(float* p, float v) { *p = v; }
+inline void from_compute(double* p, double v) { *p = v; }
+inline void from_compute(f16_t* p, float v) { *p = float_to_f16(v); }
+inline void from_compute(bf16_t* p, float v) {
+  V<float> t = splat<float>(v);
+  bf16_t tmp[Vec<float>::W];
+  store(tmp, t);
+  *p = tmp[0];
+}
+
+// Partial vectors for row tails: n < W valid lanes, the rest `fill`.
+template <class T, class C = typename Compute<T>::type>
+inline V<C> load_partial(const T* p, int64_t n, C fill) {
+  T tmp[Vec<C>::W];
+  memset(tmp, 0, sizeof tmp);
+  memcpy(tmp, p, n * sizeof(T));
+  V<C> v = load(tmp);
+  for (int64_t i = n; i < Vec<C>::W; ++i) v[i] = fill;
+  return v;
+}
+template <class T, class C = typename Compute<T>::type>
+inline void store_partial(T* p, V<C> v, int64_t n) {
+  T tmp[Vec<C>::W];
+  store(tmp, v);
+  memcpy(p, tmp, n * sizeof(T));
+}
+
+// ---- exp and tanh ------------------------------------------------------------
+// exp: x = n ln2 + r, |r| <= ln2/2 (Cody-Waite two-part ln2), e^r by a
+// polynomial (float: Cephes' degree-7 minimax form; double: Cephes' Pade
+// form), 2^n built in the exponent bits. Below the smallest normal result
+// we return 0 (no denormals), above the largest +inf; NaN stays NaN.
+
+inline V<float> vexp(V<float> x) {
+  const V<float> hi = splat(88.3762626647949f), lo = splat(-87.3365447504f);
+  V<float> xc = x > hi ? hi : x;
+  xc = xc < lo ? lo : xc;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  V<float> t = xc * 1.44269504088896341f + magic;
+  V<float> n = t - magic;
+  VI<float> ni = (VI<float>)t - (VI<float>)splat(magic);
+  V<float> r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  V<float> p = splat(1.9875691500E-4f);
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  p = p * r * r + r + 1.0f;
+  V<float> scale = (V<float>)((ni + 127) << 23);
+  V<float> y = p * scale;
+  y = x < lo ? splat(0.0f) : y;
+  y = x > splat(88.72283905f) ? splat((float)INFINITY) : y;
+  return x != x ? x : y;
+}
+
+inline V<double> vexp(V<double> x) {
+  const V<double> hi = splat(709.0), lo = splat(-708.0);
+  V<double> xc = x > hi ? hi : x;
+  xc = xc < lo ? lo : xc;
+  const double magic = 6755399441055744.0;  // 1.5 * 2^52
+  V<double> t = xc * 1.4426950408889634073599 + magic;
+  V<double> n = t - magic;
+  VI<double> ni = (VI<double>)t - (VI<double>)splat(magic);
+  V<double> r = xc - n * 6.93145751953125E-1;
+  r = r - n * 1.42860682030941723212E-6;
+  V<double> rr = r * r;
+  V<double> px = ((1.26177193074810590878E-4 * rr + 3.02994407707441961300E-2) * rr +
+                  9.99999999999999999910E-1) * r;
+  V<double> qx = ((3.00198505138664455042E-6 * rr + 2.52448340349684104192E-3) * rr +
+                  2.27265548208155028766E-1) * rr + 2.00000000000000000009E0;
+  V<double> p = 1.0 + 2.0 * px / (qx - px);
+  V<double> scale = (V<double>)((ni + 1023) << 52);
+  V<double> y = p * scale;
+  y = x < lo ? splat(0.0) : y;
+  y = x > splat(709.782712893384) ? splat((double)INFINITY) : y;
+  return x != x ? x : y;
+}
+
+// tanh: near 0 the [7/6] Pade approximant (no cancellation), elsewhere
+// (1 - e) / (1 + e) with e = exp(-2|u|).
+template <class C>
+inline V<C> vtanh(V<C> u) {
+  V<C> a = u < 0 ? -u : u;
+  V<C> u2 = u * u;
+  V<C> num = ((u2 + (C)378) * u2 + (C)17325) * u2 + (C)135135;
+  V<C> den = (((C)28 * u2 + (C)3150) * u2 + (C)62370) * u2 + (C)135135;
+  V<C> small = u * num / den;
+  V<C> e = vexp(-(a + a));
+  V<C> big = ((C)1 - e) / ((C)1 + e);
+  big = u < 0 ? -big : big;
+  return a < (C)0.625 ? small : big;
+}
+
+inline float sexp(float x) { return vexp(splat(x))[0]; }
+inline double sexp(double x) { return vexp(splat(x))[0]; }
+
+}  // namespace LMXENT_ISA
+}  // namespace cpu
+}  // namespace lmxent

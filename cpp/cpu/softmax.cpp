@@ -1,0 +1,52 @@
+// logsumexp, softmax and log_softmax over rows, with a temperature.
+//
+// Memory traffic: pass 1 reads each row once (online LSE over L1 chunks);
+// pass 2, only when an output is asked for, reads the row again (from L2 for
+// rows up to ~256K float32 values) and writes the output: one read and one
+// write of the tensor from DRAM.
+#include "rows.h"
+
+namespace lmxent {
+namespace cpu {
+inline namespace LMXENT_ISA {
+
+template <class T, bool Log>
+struct SoftmaxOp {
+  typedef typename Compute<T>::type C;
+  const SoftmaxArgs& a;
+  Tr<C, false> tr;
+
+  const T* x(int64_t r) const { return (const T*)a.x.data + r * a.x.stride; }
+  Partial partial(int64_t r, int64_t c0, int64_t c1) const {
+    return row_partial(x(r), c0, c1, tr, NoSpread<C>());
+  }
+  C finish(int64_t r, const Partial& p) const {
+    C lse = (C)lse_final(p.st, dlog);
+    if (a.lse) ((C*)a.lse)[r] = lse;
+    return lse;
+  }
+  void pass2(int64_t r, C lse, int64_t c0, int64_t c1) const {
+    if (!a.out.data) return;
+    T* out = (T*)a.out.data + r * a.out.stride;
+    row_map(x(r), out, c0, c1, [&](V<C> xv, int64_t, int64_t) {
+      V<C> z = tr(xv) - lse;
+      return Log ? z : vexp(z);
+    });
+  }
+  void after(int64_t, C) const {}
+};
+
+void softmax(const SoftmaxArgs& a) {
+  with_dtype(a.x.dtype, [&](auto* tag) {
+    typedef typename std::remove_pointer<decltype(tag)>::type T;
+    typedef typename Compute<T>::type C;
+    if (a.log)
+      run_rows(a.x.rows, a.x.cols, SoftmaxOp<T, true>{a, Tr<C, false>(a.tr)});
+    else
+      run_rows(a.x.rows, a.x.cols, SoftmaxOp<T, false>{a, Tr<C, false>(a.tr)});
+  });
+}
+
+}  // namespace LMXENT_ISA
+}  // namespace cpu
+}  // namespace lmxent

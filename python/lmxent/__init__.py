@@ -1,0 +1,34 @@
+"""lmxent: the loss layer of language-model training and evaluation.
+
+Stable log-softmax, online log-sum-exp cross-entropy with the gradient fused into
+the same pass, for NumPy (compiled C++ kernels, vectorised and threaded) and, with
+the CUDA build, CuPy. `lmxent.reference` is the float64 oracle every kernel is
+checked against."""
+from . import reference
+from ._arrays import bfloat16_dtype
+from .cross_entropy import cross_entropy, cross_entropy_backward, cross_entropy_with_grad
+from .softmax import log_softmax, logsumexp, softmax
+from . import _cpu
+
+__version__ = "0.1.0"
+
+
+def cpu_info():
+    """The CPU instruction set in use, those available, and the thread count."""
+    return {"isa": _cpu.isa(), "available": list(_cpu.available_isas()),
+            "threads": _cpu.max_threads()}
+
+
+def set_cpu_isa(name):
+    """Use the 'avx512', 'avx2' or 'base' kernels (for testing and comparison)."""
+    _cpu.set_isa(name)
+
+
+def set_num_threads(n):
+    """Threads the CPU kernels may use (OpenMP)."""
+    _cpu.set_num_threads(int(n))
+
+
+__all__ = ["logsumexp", "log_softmax", "softmax", "cross_entropy", "cross_entropy_with_grad",
+           "cross_entropy_backward", "reference", "cpu_info", "set_cpu_isa",
+           "set_num_threads", "bfloat16_dtype"]
