@@ -57,14 +57,16 @@ View2D view(const py::array& a, const std::string& name, bool writable) {
   v.dtype = dtype_of(a, name);
   if (a.ndim() != 2) fail(name, "expected a 2-D array, got " + std::to_string(a.ndim()) + "-D");
   const py::ssize_t is = (py::ssize_t)itemsize(v.dtype);
-  if (a.shape(1) > 1 && a.strides(1) != is) fail(name, "the last axis must be contiguous");
-  if (a.strides(0) % is != 0) fail(name, "row stride is not a multiple of the item size");
+  // An empty array has nothing to read: its strides do not matter.
+  const bool empty = a.shape(0) == 0 || a.shape(1) == 0;
+  if (!empty && a.shape(1) > 1 && a.strides(1) != is) fail(name, "the last axis must be contiguous");
+  if (!empty && a.strides(0) % is != 0) fail(name, "row stride is not a multiple of the item size");
   if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_)) fail(name, "array is not aligned");
   if (writable && !a.writeable()) fail(name, "array is read-only");
   v.data = const_cast<void*>(a.data());
   v.rows = a.shape(0);
   v.cols = a.shape(1);
-  v.stride = a.strides(0) / is;
+  v.stride = empty ? v.cols : a.strides(0) / is;
   return v;
 }
 

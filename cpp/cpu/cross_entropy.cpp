@@ -13,10 +13,11 @@ namespace lmxent {
 namespace cpu {
 inline namespace LMXENT_ISA {
 
-template <class C>
+// A row's scalars, in double: the LSE's rounding to float would otherwise
+// enter every probability.
 struct RowK {
-  bool skip;   // ignored row: zero gradient
-  C lse, A, rs, hard_w, x_t;
+  bool skip;  // ignored row: zero gradient
+  double lse, A, rs, hard_w, x_t;
   int64_t t;
 };
 
@@ -26,24 +27,26 @@ struct CEOp {
   const CEArgs& a;
   Tr<C, SC> tr;
   S spread;
-  C hard_k;   // (1 - eps) for class ids, 0 for probability targets
-  C t_sum_k;  // sum_j t_j for class ids (the same on every row)
+  double hard_k;   // (1 - eps) for class ids, 0 for probability targets
+  double t_sum_k;  // sum_j t_j for class ids (the same on every row)
 
   bool prob() const { return a.probs.data != nullptr; }
+  // Pass 2 reuses pass 1's exps unless it has no pass 1 or needs z (softcap).
+  bool keeps() const { return a.grad.data && !a.lse_given && !SC; }
   const T* x(int64_t r) const { return (const T*)a.logits.data + r * a.logits.stride; }
   bool ignored(int64_t r) const { return !prob() && a.targets[r] == a.ignore_index; }
 
-  Partial partial(int64_t r, int64_t c0, int64_t c1) const {
+  Partial partial(int64_t r, int64_t c0, int64_t c1, const Keep<C>* keep) const {
     const bool need_lse = !a.lse_given && (!ignored(r) || a.lse);
     const bool need_sums = !ignored(r) && (!a.lse_given || prob());
     if (!need_lse && !need_sums) return partial_empty();
-    return row_partial(x(r), c0, c1, tr, spread.row(r));
+    return row_partial(x(r), c0, c1, tr, spread.row(r), keep);
   }
 
-  RowK<C> finish(int64_t r, const Partial& p) const {
-    RowK<C> k{};
-    k.lse = a.lse_given ? ((const C*)a.lse)[r] : (C)lse_final(p.st, dlog);
-    if (!a.lse_given && a.lse) ((C*)a.lse)[r] = k.lse;
+  RowK finish(int64_t r, const Partial& p) const {
+    RowK k{};
+    k.lse = a.lse_given ? (double)((const C*)a.lse)[r] : lse_final(p.st, dlog);
+    if (!a.lse_given && a.lse) ((C*)a.lse)[r] = (C)k.lse;
     k.skip = ignored(r);
     if (k.skip) {
       if (a.loss) ((C*)a.loss)[r] = 0;
@@ -51,49 +54,59 @@ struct CEOp {
     }
     const C* w = (const C*)a.class_weight;
     k.t = prob() ? -1 : a.targets[r];
-    k.hard_w = prob() ? (C)0 : hard_k * (w ? w[k.t] : (C)1);
-    k.x_t = prob() ? (C)0 : to_compute(x(r)[k.t]);
-    const C t_sum = prob() ? (C)p.t_sum : t_sum_k;
-    const C zl = (C)a.z_loss;
+    k.hard_w = prob() ? 0.0 : hard_k * (w ? (double)w[k.t] : 1.0);
+    k.x_t = prob() ? 0.0 : (double)to_compute(x(r)[k.t]);
+    const double t_sum = prob() ? p.t_sum : t_sum_k;
     if (a.loss) {
-      const C z_t = prob() ? k.lse : tr.one(k.x_t);
-      ((C*)a.loss)[r] = ce_loss(k.lse, z_t, k.hard_w, t_sum, (C)p.tz_sum, zl);
+      const double z_t = prob() ? k.lse : (double)tr.one((C)k.x_t);
+      ((C*)a.loss)[r] = (C)ce_loss(k.lse, z_t, k.hard_w, t_sum, p.tz_sum, a.z_loss);
     }
-    k.A = ce_grad_coef(k.lse, k.hard_w, t_sum, zl);
-    k.rs = (C)a.grad_scale * (a.grad_rows ? ((const C*)a.grad_rows)[r] : (C)1);
+    k.A = ce_grad_coef(k.lse, k.hard_w, t_sum, a.z_loss);
+    k.rs = a.grad_scale * (a.grad_rows ? (double)((const C*)a.grad_rows)[r] : 1.0);
     return k;
   }
 
-  void pass2(int64_t r, const RowK<C>& k, int64_t c0, int64_t c1) const {
+  void pass2(int64_t r, const RowK& k, int64_t c0, int64_t c1, const Keep<C>* keep) const {
     if (!a.grad.data) return;
     T* g = (T*)a.grad.data + r * a.grad.stride;
     if (k.skip) {
-      row_map(x(r), g, c0, c1, [](V<C>, int64_t, int64_t) { return V<C>{}; });
+      row_emit(g, c0, c1, [](int64_t, int64_t) { return V<C>{}; });
       return;
     }
     const S sp = spread.row(r);
+    if (keep && keep_usable(k.lse)) {  // g_j = (A e_j exp(m_c - lse) - t_j) * scale * rs, no softcap here
+      const C ts = (C)((double)tr.scale * k.rs);
+      keep_factors(*keep, c0, c1, k.lse, k.A * (double)tr.scale * k.rs);
+      row_emit(g, c0, c1, [&](int64_t j, int64_t n) {
+        V<C> t = n == Vec<C>::W ? sp.vec(j) : sp.part(j, n);
+        return load(keep->e + j) * (C)keep->m[j >> kChunkShift] - t * ts;
+      });
+      return;
+    }
+    const LseSplit<C> ls(k.lse);
+    const C A = (C)k.A, rs = (C)k.rs;
     row_map(x(r), g, c0, c1, [&](V<C> xv, int64_t j, int64_t n) {
       V<C> z = tr(xv);
       V<C> t = n == Vec<C>::W ? sp.vec(j) : sp.part(j, n);
-      return (k.A * vexp(z - k.lse) - t) * tr.slope(z) * k.rs;
+      return (A * vexp_neg(ls.sub(z)) - t) * tr.slope(z) * rs;
     });
   }
 
   // The target element, from the logit saved before pass 2 (which may have
   // overwritten it), rounded once.
-  void after(int64_t r, const RowK<C>& k) const {
+  void after(int64_t r, const RowK& k) const {
     if (!a.grad.data || k.skip || prob()) return;
-    const C z = tr.one(k.x_t);
-    const C p = sexp(z - k.lse);
-    const C g = (k.A * p - spread.at(k.t) - k.hard_w) * tr.slope(splat<C>(z))[0] * k.rs;
-    from_compute((T*)a.grad.data + r * a.grad.stride + k.t, g);
+    const C z = tr.one((C)k.x_t);
+    const double p = ::exp((double)z - k.lse);
+    const double g = (k.A * p - (double)spread.at(k.t) - k.hard_w) * (double)tr.slope(splat<C>(z))[0] * k.rs;
+    from_compute((T*)a.grad.data + r * a.grad.stride + k.t, (C)g);
   }
 };
 
 template <class T, bool SC, class S>
-static void run_ce(const CEArgs& a, const S& s, typename Compute<T>::type t_sum_k) {
+static void run_ce(const CEArgs& a, const S& s, double t_sum_k) {
   typedef typename Compute<T>::type C;
-  const C hard_k = a.probs.data ? (C)0 : (C)(1.0 - a.smoothing);
+  const double hard_k = a.probs.data ? 0.0 : 1.0 - a.smoothing;
   run_rows(a.logits.rows, a.logits.cols, CEOp<T, SC, S>{a, Tr<C, SC>(a.tr), s, hard_k, t_sum_k});
 }
 
@@ -112,11 +125,14 @@ static void ce_by_spread(const CEArgs& a) {
   } else if (a.smoothing == 0.0) {
     run_ce<T, SC>(a, NoSpread<C>(), 0);
   } else if (w) {
-    double wsum = 0;
-    for (int64_t j = 0; j < V; ++j) wsum += w[j];
-    run_ce<T, SC>(a, WeightedSpread<C>{(C)cs.uniform, w}, (C)(cs.uniform * wsum));
+    // sum_j t_j from the rounded t_j the kernels use, so gradient rows sum to 0
+    const WeightedSpread<C> s{(C)cs.uniform, w};
+    double t_sum = 0;
+    for (int64_t j = 0; j < V; ++j) t_sum += (double)s.at(j);
+    run_ce<T, SC>(a, s, t_sum);
   } else {
-    run_ce<T, SC>(a, UniformSpread<C>{(C)cs.uniform}, (C)a.smoothing);
+    const UniformSpread<C> s{(C)cs.uniform};
+    run_ce<T, SC>(a, s, (double)s.k * (double)V);
   }
 }
 

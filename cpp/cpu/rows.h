@@ -14,6 +14,8 @@
 #pragma once
 #include <math.h>
 
+#include <stdlib.h>
+
 #include <type_traits>
 #ifdef _OPENMP
 #include <omp.h>
@@ -45,11 +47,16 @@ inline V<C> lane_index() {
 }
 
 // The element transform of the contract, vectorised. SC: softcap on.
+// z = kz * pre(x): without a softcap pre is the identity and the scale is
+// folded into the exps (kz = scale); with one, pre is the whole transform.
 template <class C, bool SC>
 struct Tr {
-  C scale, cap, inv_cap;
+  static constexpr bool kTransforms = SC;
+  C scale, cap, inv_cap, kz;
   explicit Tr(const Transform& t)
-      : scale((C)t.scale), cap((C)t.softcap), inv_cap(t.softcap > 0 ? (C)(1.0 / t.softcap) : (C)0) {}
+      : scale((C)t.scale), cap((C)t.softcap), inv_cap(t.softcap > 0 ? (C)(1.0 / t.softcap) : (C)0),
+        kz(SC ? (C)1 : (C)t.scale) {}
+  V<C> pre(V<C> x) const { return SC ? (*this)(x) : x; }
   V<C> operator()(V<C> x) const {
     V<C> z = x * scale;
     if (SC) z = cap * vtanh<C>(z * inv_cap);
@@ -125,81 +132,180 @@ inline Partial merge(const Partial& a, const Partial& b) {
   return {lse_merge(a.st, b.st, dexp), a.t_sum + b.t_sum, a.tz_sum + b.tz_sum};
 }
 
+// Pass 1 may keep e_j = exp(z_j - M_c) for the whole row (plus a chunk of
+// padding) and each chunk's shift M_c, so that pass 2 needs no second exp:
+// exp(z_j - lse) = e_j * exp(M_c - lse). Used when the row fits in L2.
+template <class C>
+struct Keep {
+  C* e;
+  double* m;
+};
+constexpr int64_t kKeepMax = 1 << 18;  // longest row kept (1 MiB of float)
+constexpr int kChunkShift = 11;
+static_assert((int64_t)1 << kChunkShift == kChunk, "chunk size");
+
+// One chunk's exps are e_j = 2^((u_j - max u) k) with u the pre-transform
+// value (z = kz u) and k = kz log2(e) rounded to C: the max term is exactly 1
+// (so lse >= max, and a lone finite entry has lse equal to it), and the
+// chunk's natural-log shift is kz max(u), kept in double.
+template <class C>
+inline double chunk_shift(C mu, C kz) {
+  if (!(mu > -(C)INFINITY && mu < (C)INFINITY)) return (double)mu;  // +-inf, NaN
+  return (double)kz * (double)mu;
+}
+
 template <class T, class TR, class S>
-Partial row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr, const S& sp) {
+Partial row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr, const S& sp,
+                    const Keep<typename Compute<T>::type>* keep) {
   typedef typename Compute<T>::type C;
   constexpr int W = Vec<C>::W;
-  alignas(64) C buf[kChunk];
+  // Buffer u when it costs more to recompute than to store (a softcap, or a
+  // conversion from 16 bits); else read x again, from L1.
+  constexpr bool kBuf = TR::kTransforms || !std::is_same<T, C>::value;
+  alignas(64) C buf[kBuf ? kChunk : W];
   const V<C> ninf = splat<C>(-(C)INFINITY), lanes = lane_index<C>();
+  const C k = tr.kz * kLog2e<C>;
   Partial acc = partial_empty();
   for (int64_t b = c0; b < c1; b += kChunk) {
     const int64_t n = imin(kChunk, c1 - b), nv = n - n % W;
     const T* xb = x + b;
+    auto u_at = [&](int64_t j) { return kBuf ? load(buf + j) : tr.pre(load(xb + j)); };
+    // The row tail: invalid lanes become -inf, after the transform.
+    const V<C> u_tail = nv < n ? (lanes < (C)(n - nv) ? tr.pre(load_partial(xb + nv, n - nv, (C)0)) : ninf) : ninf;
     V<C> m0 = ninf, m1 = ninf;
-    VI<C> bad = {};
     int64_t j = 0;
     for (; j + 2 * W <= nv; j += 2 * W) {
-      V<C> z0 = tr(load(xb + j)), z1 = tr(load(xb + j + W));
-      store(buf + j, z0);
-      store(buf + j + W, z1);
-      m0 = vmax<C>(m0, z0);
-      m1 = vmax<C>(m1, z1);
-      bad |= (z0 != z0) | (z1 != z1);
+      V<C> u0 = tr.pre(load(xb + j)), u1 = tr.pre(load(xb + j + W));
+      if (kBuf) {
+        store(buf + j, u0);
+        store(buf + j + W, u1);
+      }
+      m0 = vmax<C>(m0, u0);
+      m1 = vmax<C>(m1, u1);
     }
     for (; j < nv; j += W) {
-      V<C> z = tr(load(xb + j));
-      store(buf + j, z);
-      m0 = vmax<C>(m0, z);
-      bad |= z != z;
+      V<C> u = tr.pre(load(xb + j));
+      if (kBuf) store(buf + j, u);
+      m0 = vmax<C>(m0, u);
     }
-    if (j < n) {  // row tail: invalid lanes become -inf, after the transform
-      V<C> z = tr(load_partial(xb + j, n - j, (C)0));
-      z = lanes < (C)(n - j) ? z : ninf;
-      store(buf + j, z);
-      m0 = vmax<C>(m0, z);
-      bad |= z != z;
+    m0 = vmax<C>(m0, u_tail);
+    // The max skips NaN; a NaN still reaches the sum through exp, except
+    // beside +inf (where inf - inf hides it), so only then look for one.
+    C mu = hmax<C>(vmax<C>(m0, m1));
+    if (mu == (C)INFINITY) {
+      bool nan = any<C>(u_tail != u_tail);
+      for (j = 0; j < nv && !nan; j += W) nan = any<C>(u_at(j) != u_at(j));
+      if (nan) mu = (C)NAN;
     }
-    const bool has_nan = any<C>(bad);
-    const C mc = has_nan ? (C)NAN : hmax<C>(vmax<C>(m0, m1));
-    const C shift = lse_shift(mc);
+    const C mx = mu == -(C)INFINITY ? (C)0 : mu;
     V<C> s0 = {}, s1 = {}, ts = {}, tz = {};
-    const int64_t nall = (n + W - 1) / W * W;
-    j = 0;
-    if (!has_nan) {
-      for (; j + 2 * W <= nall; j += 2 * W) {
-        s0 += vexp(load(buf + j) - shift);
-        s1 += vexp(load(buf + j + W) - shift);
+    C* e = keep ? keep->e + b : nullptr;
+    for (j = 0; j + 2 * W <= nv; j += 2 * W) {
+      V<C> e0 = vexp2_neg((u_at(j) - mx) * k), e1 = vexp2_neg((u_at(j + W) - mx) * k);
+      s0 += e0;
+      s1 += e1;
+      if (e) {
+        store(e + j, e0);
+        store(e + j + W, e1);
       }
-      for (; j < nall; j += W) s0 += vexp(load(buf + j) - shift);
     }
-    if (S::active) {
+    for (; j < nv; j += W) {
+      V<C> e0 = vexp2_neg((u_at(j) - mx) * k);
+      s0 += e0;
+      if (e) store(e + j, e0);
+    }
+    if (nv < n) {
+      V<C> e0 = vexp2_neg((u_tail - mx) * k);
+      s0 += e0;
+      if (e) store(e + nv, e0);
+    }
+    const double shift = chunk_shift(mu, tr.kz);
+    if (keep) keep->m[b >> kChunkShift] = shift;
+    if (S::active) {  // sums of t_j and t_j u_j (z = kz u)
       for (j = 0; j < nv; j += W) {
-        V<C> t = sp.vec(b + j), z = load(buf + j);
+        V<C> t = sp.vec(b + j), u = u_at(j);
         ts += t;
-        tz += t == (C)0 ? V<C>{} : t * z;  // a zero target never meets -inf
+        tz += t == (C)0 ? V<C>{} : t * u;  // a zero target never meets -inf
       }
-      if (j < n) {
-        V<C> t = sp.part(b + j, n - j), z = load(buf + j);
-        t = lanes < (C)(n - j) ? t : V<C>{};
+      if (nv < n) {
+        V<C> t = sp.part(b + nv, n - nv);
+        t = lanes < (C)(n - nv) ? t : V<C>{};
         ts += t;
-        tz += t == (C)0 ? V<C>{} : t * z;
+        tz += t == (C)0 ? V<C>{} : t * u_tail;
       }
     }
-    Partial chunk = {{(double)mc, has_nan ? (double)NAN : (double)hsum<C>(s0 + s1)},
-                     (double)hsum<C>(ts), (double)hsum<C>(tz)};
+    // With +inf in the chunk the sum (NaN from inf - inf) does not matter.
+    const double sum = mu != mu ? (double)NAN : mu == (C)INFINITY ? 1.0 : (double)hsum<C>(s0 + s1);
+    Partial chunk = {{shift, sum},
+                     (double)hsum<C>(ts), (double)tr.kz * (double)hsum<C>(tz)};
     acc = merge(acc, chunk);
   }
   return acc;
 }
 
-// out[j] = f(x[j], j, valid lanes) over [c0, c1), whole vectors then the tail.
+// z - lse for a double lse, as (z - hi) - lo with hi = lse rounded to C:
+// z - hi is exact near the max, so the result keeps the double's accuracy
+// where it matters (probabilities near 1) instead of ulp(lse) / 2.
+template <class C>
+struct LseSplit {
+  C hi, lo;
+  explicit LseSplit(double lse)
+      : hi((C)lse), lo(lse > -(double)INFINITY && lse < (double)INFINITY ? (C)(lse - (double)(C)lse) : (C)0) {}
+  V<C> sub(V<C> z) const { return (z - hi) - lo; }
+};
+
+// Pass 2 may use the kept exps only for a finite LSE: with +inf (or NaN)
+// the chunk factor exp(M_c - lse) would turn the finite entries into NaN.
+inline bool keep_usable(double lse) { return lse > -(double)INFINITY && lse < (double)INFINITY; }
+
+// Turns the kept chunk shifts of [c0, c1) into factors exp(M_c - lse) * mul.
+template <class C>
+inline void keep_factors(const Keep<C>& k, int64_t c0, int64_t c1, double lse, double mul) {
+  for (int64_t c = c0 >> kChunkShift; c < (c1 + kChunk - 1) >> kChunkShift; ++c)
+    k.m[c] = ::exp(k.m[c] - lse) * mul;
+}
+
+// out[j] = f(j, valid lanes) over [c0, c1): whole vectors, then the tail.
+template <class T, class F>
+inline void row_emit(T* out, int64_t c0, int64_t c1, F f) {
+  constexpr int W = Vec<typename Compute<T>::type>::W;
+  int64_t j = c0;
+  for (; j + W <= c1; j += W) store(out + j, f(j, (int64_t)W));
+  if (j < c1) store_partial<T>(out + j, f(j, c1 - j), c1 - j);
+}
+
+// out[j] = f(x[j], j, valid lanes) over [c0, c1).
 template <class T, class F>
 inline void row_map(const T* x, T* out, int64_t c0, int64_t c1, F f) {
   typedef typename Compute<T>::type C;
-  constexpr int W = Vec<C>::W;
-  int64_t j = c0;
-  for (; j + W <= c1; j += W) store(out + j, f(load(x + j), j, (int64_t)W));
-  if (j < c1) store_partial<T>(out + j, f(load_partial(x + j, c1 - j, (C)0), j, c1 - j), c1 - j);
+  row_emit(out, c0, c1, [&](int64_t j, int64_t n) {
+    return f(n == Vec<C>::W ? load(x + j) : load_partial(x + j, n, (C)0), j, n);
+  });
+}
+
+// A per-thread scratch for Keep, reused across calls.
+template <class C>
+inline Keep<C> scratch_keep(int64_t cols) {
+  struct Buf {
+    void* p = nullptr;
+    size_t n = 0;
+    ~Buf() { free(p); }
+  };
+  static thread_local Buf buf;
+  const int64_t ne = cols + kChunk, nm = (cols >> kChunkShift) + 2;
+  const size_t need = (ne * sizeof(C) + nm * sizeof(double) + 63) / 64 * 64;
+  if (buf.n < need) {
+    free(buf.p);
+    buf.p = aligned_alloc(64, need);
+    buf.n = buf.p ? need : 0;
+  }
+  return {(C*)buf.p, (double*)((C*)buf.p + ne)};
+}
+
+// Columns per thread when a row is split: whole chunks (the kept chunk
+// shifts are indexed by chunk), rounded up so n threads cover the row.
+inline int64_t split_cols(int64_t cols, int n) {
+  return ((cols + n - 1) / n + kChunk - 1) / kChunk * kChunk;
 }
 
 inline int threads_for(int64_t elems) {
@@ -215,23 +321,29 @@ inline int threads_for(int64_t elems) {
 }
 
 // Runs an op over all rows. An op provides:
-//   Partial partial(r, c0, c1)   pass 1 over a column range
-//   K finish(r, const Partial&)  the row's scalars (and its per-row outputs)
-//   void pass2(r, const K&, c0, c1)
-//   void after(r, const K&)      single-element fix-ups after pass 2
+//   C                                the compute type
+//   bool keeps()                     whether pass 2 wants the kept exps
+//   Partial partial(r, c0, c1, keep) pass 1 over a column range
+//   K finish(r, const Partial&)      the row's scalars (and per-row outputs)
+//   void pass2(r, const K&, c0, c1, keep)
+//   void after(r, const K&)          single-element fix-ups after pass 2
 template <class Op>
 void run_rows(int64_t rows, int64_t cols, const Op& op) {
+  typedef typename Op::C C;
   const int nt = threads_for(rows * cols);
+  const bool keeps = op.keeps() && cols <= kKeepMax;
   if (nt > 1 && rows < nt && cols >= 4 * kChunk) {
     Partial parts[kMaxThreads];
+    Keep<C> shared = keeps ? scratch_keep<C>(cols) : Keep<C>{nullptr, nullptr};
+    const Keep<C>* keep = shared.e ? &shared : nullptr;
     for (int64_t r = 0; r < rows; ++r) {
       int used = 1;
 #pragma omp parallel num_threads(nt)
       {
         const int tid = omp_get_thread_num(), n = omp_get_num_threads();
-        const int64_t per = (cols / n + kChunk - 1) / kChunk * kChunk;
+        const int64_t per = split_cols(cols, n);
         const int64_t c0 = imin(cols, tid * per), c1 = imin(cols, c0 + per);
-        parts[tid] = op.partial(r, c0, c1);
+        parts[tid] = op.partial(r, c0, c1, keep);
         if (tid == 0) used = n;
       }
       Partial p = parts[0];
@@ -240,19 +352,24 @@ void run_rows(int64_t rows, int64_t cols, const Op& op) {
 #pragma omp parallel num_threads(used)
       {
         const int tid = omp_get_thread_num(), n = omp_get_num_threads();
-        const int64_t per = (cols / n + kChunk - 1) / kChunk * kChunk;
+        const int64_t per = split_cols(cols, n);
         const int64_t c0 = imin(cols, tid * per), c1 = imin(cols, c0 + per);
-        op.pass2(r, k, c0, c1);
+        op.pass2(r, k, c0, c1, keep);
       }
       op.after(r, k);
     }
     return;
   }
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-  for (int64_t r = 0; r < rows; ++r) {
-    const auto k = op.finish(r, op.partial(r, 0, cols));
-    op.pass2(r, k, 0, cols);
-    op.after(r, k);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    Keep<C> mine = keeps ? scratch_keep<C>(cols) : Keep<C>{nullptr, nullptr};
+    const Keep<C>* keep = mine.e ? &mine : nullptr;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const auto k = op.finish(r, op.partial(r, 0, cols, keep));
+      op.pass2(r, k, 0, cols, keep);
+      op.after(r, k);
+    }
   }
 }
 

@@ -17,23 +17,30 @@ struct SoftmaxOp {
   Tr<C, false> tr;
 
   const T* x(int64_t r) const { return (const T*)a.x.data + r * a.x.stride; }
-  Partial partial(int64_t r, int64_t c0, int64_t c1) const {
-    return row_partial(x(r), c0, c1, tr, NoSpread<C>());
+  bool keeps() const { return a.out.data && !Log; }
+  Partial partial(int64_t r, int64_t c0, int64_t c1, const Keep<C>* keep) const {
+    return row_partial(x(r), c0, c1, tr, NoSpread<C>(), keep);
   }
-  C finish(int64_t r, const Partial& p) const {
-    C lse = (C)lse_final(p.st, dlog);
-    if (a.lse) ((C*)a.lse)[r] = lse;
+  double finish(int64_t r, const Partial& p) const {
+    const double lse = lse_final(p.st, dlog);
+    if (a.lse) ((C*)a.lse)[r] = (C)lse;
     return lse;
   }
-  void pass2(int64_t r, C lse, int64_t c0, int64_t c1) const {
+  void pass2(int64_t r, double lse, int64_t c0, int64_t c1, const Keep<C>* keep) const {
     if (!a.out.data) return;
     T* out = (T*)a.out.data + r * a.out.stride;
+    if (keep && keep_usable(lse)) {  // softmax = e_j * exp(m_c - lse)
+      keep_factors(*keep, c0, c1, lse, 1.0);
+      row_emit(out, c0, c1, [&](int64_t j, int64_t) { return load(keep->e + j) * (C)keep->m[j >> kChunkShift]; });
+      return;
+    }
+    const LseSplit<C> ls(lse);
     row_map(x(r), out, c0, c1, [&](V<C> xv, int64_t, int64_t) {
-      V<C> z = tr(xv) - lse;
-      return Log ? z : vexp(z);
+      V<C> z = ls.sub(tr(xv));
+      return Log ? z : vexp_neg(z);
     });
   }
-  void after(int64_t, C) const {}
+  void after(int64_t, double) const {}
 };
 
 void softmax(const SoftmaxArgs& a) {

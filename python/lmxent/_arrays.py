@@ -22,6 +22,7 @@ def bfloat16_dtype():
 
 
 def is_float(dtype):
+    dtype = np.dtype(dtype).newbyteorder("=")  # byte order is converted, not refused
     return dtype in (np.float32, np.float64, np.float16) or dtype == bfloat16_dtype()
 
 
@@ -65,7 +66,7 @@ def rows(x, name, *, need_view=False):
     x2 = x.reshape(-1, V)
     viewed = x2.size == 0 or np.shares_memory(x2, x)
     if (V > 1 and x2.strides[1] != x2.itemsize) or not x2.flags.aligned:
-        x2, viewed = np.ascontiguousarray(x2), False
+        x2, viewed = np.require(x2, requirements=["C", "A"]), False
     if need_view and not viewed:
         raise ValueError(f"{name}: inplace=True needs logits whose rows can be viewed without "
                          "a copy (a contiguous last axis and collapsible leading axes)")

@@ -42,7 +42,7 @@ class _Problem:
                 raise ValueError(f"weight: expected shape ({V},), got {w.shape}")
             if w.dtype.kind not in "fiu" and w.dtype != A.bfloat16_dtype():
                 raise TypeError(f"weight: unsupported dtype {w.dtype}")
-            self.w = np.ascontiguousarray(w, dtype=ct)
+            self.w = np.require(w, ct, "CA")
             if not np.isfinite(self.w).all():
                 raise ValueError("weight: contains a non-finite value")
 
@@ -52,7 +52,7 @@ class _Problem:
             if t.shape != self.lead:
                 raise ValueError(f"targets: class ids must have shape {self.lead} (the logits' "
                                  f"shape without the vocabulary axis), got {t.shape}")
-            tids = np.ascontiguousarray(t.reshape(-1), dtype=np.int64)
+            tids = np.require(t.reshape(-1), np.int64, "CA")
             valid = tids != self.ignore_index
             bad = valid & ((tids < 0) | (tids >= V))
             if bad.any():
@@ -73,7 +73,7 @@ class _Problem:
                                  f"{x.shape}, got {t.shape}")
             if self.ignore_index >= 0:
                 raise ValueError("ignore_index is not supported for probability targets")
-            self.probs = np.ascontiguousarray(t.reshape(n, V), dtype=ct)
+            self.probs = np.require(t.reshape(n, V), ct, "CA")
             denom = normalizer if normalizer is not None else n
         else:
             raise TypeError(f"targets: expected integer class ids or float probabilities, "
@@ -106,7 +106,7 @@ class _Problem:
             except ValueError:
                 raise ValueError(f"grad_output: shape {g.shape} does not broadcast to the "
                                  f"per-token loss shape {self.lead}") from None
-            return 1.0, np.ascontiguousarray(g.reshape(-1), dtype=self.ct)
+            return 1.0, np.require(g.reshape(-1), self.ct, "CA")
         if np.ndim(grad_output) != 0:
             raise ValueError(f"grad_output must be a scalar for reduction={self.reduction!r}")
         g = float(grad_output)
@@ -160,7 +160,7 @@ def cross_entropy_backward(logits, targets, lse, grad_output, *, weight=None,
     lse = np.asarray(lse)
     if lse.shape != p.lead:
         raise ValueError(f"lse: expected shape {p.lead}, got {lse.shape}")
-    lse = np.ascontiguousarray(lse.reshape(-1), dtype=p.ct)
+    lse = np.require(lse.reshape(-1), p.ct, "CA")
     scale, rows = p.grad_factor(grad_output)
     g2, g = p.new_grad(False)
     p.run(lse=lse, lse_given=True, grad=g2, grad_scale=scale, grad_rows=rows)

@@ -92,7 +92,8 @@ LMXENT_HD LseState<C> lse_merge(LseState<C> a, LseState<C> b, Exp exp_fn) {
 
 template <class C, class Log>
 LMXENT_HD C lse_final(LseState<C> st, Log log_fn) {
-  if (lse_isnan(st.m)) return st.m;
+  // A NaN met beside a larger entry (even +inf) lives in the sum.
+  if (lse_isnan(st.m) || lse_isnan(st.s)) return st.m + st.s;
   if (st.m == (C)INFINITY || st.m == -(C)INFINITY) return st.m;
   return st.m + log_fn(st.s);
 }

@@ -1,0 +1,236 @@
+"""Shared fixtures and helpers for the kernel tests.
+
+- ``rng``: a seeded NumPy Generator per test.
+- ``DTYPES`` / ``DTYPE_IDS``: float32, float64, float16 and, when ml_dtypes is
+  installed, ml_dtypes.bfloat16 (``BF16`` is None otherwise).
+- ``isa``: runs a test once per CPU instruction set this processor offers
+  (``lmxent.cpu_info()["available"]``) and restores the original afterwards.
+- ``num_threads(n)``: a context manager setting the OpenMP thread count.
+- ``lowp(x, dtype)``: round float64 data to ``dtype`` and return both the rounded
+  array and its exact float64 values (the reference must see the SAME inputs).
+- ``assert_loss_close`` / ``assert_grad_close``: per-dtype tolerances.
+- ``torch_ce_with_grad``: lmxent's conventions built from torch ops (float64
+  autograd), or None when torch is not installed.
+"""
+import contextlib
+import zlib
+
+import numpy as np
+import pytest
+
+import lmxent
+
+try:  # optional: bfloat16 is tested only where ml_dtypes is installed
+    import ml_dtypes
+
+    BF16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - ml_dtypes is a test dependency
+    ml_dtypes = None
+    BF16 = None
+
+try:
+    import torch
+except ImportError:  # pragma: no cover
+    torch = None
+
+F32, F64, F16 = np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)
+DTYPES = [F32, F64, F16] + ([BF16] if BF16 is not None else [])
+LOWP_DTYPES = [F32, F16] + ([BF16] if BF16 is not None else [])  # float32 compute
+
+
+def dtype_id(dt):
+    return "bfloat16" if BF16 is not None and dt == BF16 else np.dtype(dt).name
+
+
+DTYPE_IDS = [dtype_id(d) for d in DTYPES]
+LOWP_IDS = [dtype_id(d) for d in LOWP_DTYPES]
+
+ISAS = list(lmxent.cpu_info()["available"])
+
+
+@pytest.fixture
+def rng(request):
+    # deterministic, but different for every test (so tests do not share data)
+    seed = zlib.crc32(request.node.nodeid.encode())
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Select each available CPU instruction set in turn; restore afterwards."""
+    original = lmxent.cpu_info()["isa"]
+    lmxent.set_cpu_isa(request.param)
+    assert lmxent.cpu_info()["isa"] == request.param
+    try:
+        yield request.param
+    finally:
+        lmxent.set_cpu_isa(original)
+
+
+@contextlib.contextmanager
+def num_threads(n):
+    original = lmxent.cpu_info()["threads"]
+    lmxent.set_num_threads(n)
+    try:
+        yield
+    finally:
+        lmxent.set_num_threads(original)
+
+
+def lowp(x, dtype):
+    """(x rounded to dtype, the rounded values as float64)."""
+    xl = np.asarray(x, dtype=np.float64).astype(dtype)
+    return xl, xl.astype(np.float64)
+
+
+def loss_dtype(dtype):
+    return F64 if np.dtype(dtype) == F64 else F32
+
+
+# ----------------------------------------------------------------- tolerances
+# Losses: float32 accumulation for every non-float64 input, so the same
+# tolerance for float32 / float16 / bfloat16 (the inputs are exact in float32
+# and the reference sees the same rounded values).
+#
+# Gradients: dL/dz_j = A p_j - b_j is a difference of O(scale) terms, so its
+# float32 error is absolute, a few eps32 times the row's gradient scale
+# |grad_output / denom| * logit_scale * (|A| + sum b) (see grad_scale()), not
+# relative to the (possibly tiny) element. Then one rounding to the output
+# dtype: 2^-9 relative for bf16 and 2^-12 for f16 with round-to-nearest (2^-8
+# and 2^-11 allowed) plus an absolute floor for float16 subnormals.
+
+_LOSS_TOL = {  # (rtol, atol)
+    "float64": (1e-11, 1e-11),
+    "lowp": (2e-6, 2e-6),
+}
+_GRAD_TOL = {  # (rtol, atol as a multiple of the gradient scale, absolute floor)
+    "float64": (1e-10, 1e-13, 0.0),
+    "float32": (1e-5, 1e-6, 0.0),
+    "float16": (2.0**-11, 1e-6, 6e-8),  # f16 subnormal spacing 6e-8
+    "bfloat16": (2.0**-8, 1e-6, 1e-38),
+}
+
+
+def loss_tol(dtype):
+    return _LOSS_TOL["float64" if np.dtype(dtype) == F64 else "lowp"]
+
+
+def assert_loss_close(actual, expected, dtype, *, scale=None, what="loss"):
+    """Loss (scalar or per token) against the float64 reference. `scale` is the
+    magnitude the absolute error is measured against (defaults to max |expected|, >= 1)."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    rtol, atol = loss_tol(dtype)
+    fin = np.isfinite(expected)
+    if scale is None:
+        scale = max(1.0, float(np.max(np.abs(expected[fin]), initial=0.0)))
+    np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected), err_msg=what + " NaN")
+    inf = np.isinf(expected)
+    np.testing.assert_array_equal(actual[inf], expected[inf], err_msg=what + " inf")
+    np.testing.assert_allclose(actual[fin], expected[fin], rtol=rtol, atol=atol * scale,
+                               err_msg=what)
+
+
+def grad_scale(x_shape, targets, lse, grad_output=1.0, *, weight=None, ignore_index=-100,
+               reduction="mean", z_loss=0.0, logit_scale=1.0, normalizer=None, **_):
+    """Per-row bound on |grad_output factor| * max|dz/dx| * (|A| + sum_j b_j), shaped
+    (..., 1): the magnitude the float32 gradient error is proportional to."""
+    lead = tuple(x_shape[:-1])
+    t = np.asarray(targets)
+    prob = t.dtype.kind == "f" or (BF16 is not None and t.dtype == BF16)
+    w = None if weight is None else np.abs(np.asarray(weight, dtype=np.float64))
+    wmax = 1.0 if w is None else float(w.max(initial=0.0))
+    if reduction == "none":
+        f = np.abs(np.broadcast_to(np.asarray(grad_output, dtype=np.float64), lead))
+    else:
+        f = abs(float(grad_output))
+        if reduction == "mean":
+            if normalizer is not None:
+                d = normalizer
+            elif prob:
+                d = float(np.prod(lead))
+            else:
+                mask = t != ignore_index
+                d = float(mask.sum()) if w is None else float(w[t[mask]].sum())
+            f = f / d if d else 0.0
+    lse = np.abs(np.nan_to_num(np.asarray(lse, dtype=np.float64), nan=0.0, posinf=0.0,
+                               neginf=0.0))
+    return np.asarray(f * abs(logit_scale) * (2 * wmax + 2 * z_loss * lse))[..., None]
+
+
+def assert_grad_close(actual, expected, dtype, *, gscale=None, what="grad"):
+    """Gradient against the float64 reference (same shape and dtype; NaN exactly where
+    the reference has NaN). `gscale`: the gradient scale (see grad_scale), broadcastable
+    to the gradient; by default max |expected| (>= 1e-30)."""
+    dtype = np.dtype(dtype)
+    assert actual.dtype == dtype, (what, actual.dtype, dtype)
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    rtol, arel, floor = _GRAD_TOL[dtype_id(dtype)]
+    np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected), err_msg=what + " NaN")
+    fin = np.isfinite(expected)
+    if gscale is None:
+        gscale = float(np.max(np.abs(expected[fin]), initial=0.0))
+    atol = np.broadcast_to(arel * np.asarray(gscale, dtype=np.float64) + floor,
+                           expected.shape)[fin]
+    err = np.abs(actual[fin] - expected[fin])
+    bad = ~(err <= atol + rtol * np.abs(expected[fin]))
+    if bad.any():
+        i = np.flatnonzero(bad)[:5]
+        raise AssertionError(
+            f"{what}: {bad.sum()} / {bad.size} elements out of tolerance (rtol={rtol}); "
+            f"first: actual {actual[fin][i]}, expected {expected[fin][i]}, "
+            f"|err| {err[i]}, atol {atol[i]}")
+
+
+# ----------------------------------------------------------------------- torch
+
+def torch_ce_with_grad(x, t, *, grad_output=1.0, weight=None, ignore_index=-100,
+                       reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None,
+                       logit_scale=1.0, normalizer=None, dtype=np.float64):
+    """(loss, grad) with lmxent's conventions, built from torch ops and autograd in
+    `dtype` (float64 by default). None when torch is missing."""
+    if torch is None:
+        return None
+    tdt = torch.float64 if np.dtype(dtype) == F64 else torch.float32
+    xt = torch.tensor(np.asarray(x, dtype=np.float64), dtype=tdt, requires_grad=True)
+    t = np.asarray(t)
+    prob = t.dtype.kind == "f"
+    tt = torch.tensor(t.astype(np.float64), dtype=tdt) if prob else torch.from_numpy(
+        t.astype(np.int64))
+    w = None if weight is None else torch.tensor(np.asarray(weight, np.float64), dtype=tdt)
+    V = x.shape[-1]
+    z = logit_scale * xt
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    z2 = z.reshape(-1, V)
+    per = torch.nn.functional.cross_entropy(
+        z2, tt.reshape(-1, V) if prob else tt.reshape(-1), weight=w,
+        ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
+    lse = torch.logsumexp(z2, -1)
+    if prob:
+        mask = torch.ones_like(per)
+        denom = float(per.numel())
+    else:
+        tf = tt.reshape(-1)
+        mask = (tf != ignore_index).to(tdt)
+        if w is None:
+            denom = float(mask.sum())
+        else:
+            denom = float((w[tf.clamp(0, V - 1)] * mask).sum())
+    per = per + z_loss * lse**2 * mask
+    lead = x.shape[:-1]
+    if reduction == "none":
+        loss = per.reshape(lead)
+        go = torch.broadcast_to(torch.as_tensor(np.asarray(grad_output, np.float64),
+                                                dtype=tdt), loss.shape)
+        loss.backward(go)
+    else:
+        loss = per.sum()
+        if reduction == "mean":
+            d = normalizer if normalizer is not None else denom
+            loss = loss / d if d != 0 else loss * 0.0
+        loss.backward(torch.as_tensor(float(grad_output), dtype=tdt))
+    return loss.detach().numpy().astype(np.float64), xt.grad.numpy().astype(np.float64)

@@ -1,0 +1,670 @@
+"""logsumexp / log_softmax / softmax against lmxent.reference (float64 oracle) and torch.
+
+Covers every CPU instruction set, every accepted dtype (float16 / bfloat16 compared
+with the reference on the same rounded inputs), temperature, any axis, keepdims,
+``out=`` (in place, strided, a slice of a wider array), row-strided inputs (no copy),
+few rows x huge vocabularies (rows split across threads), extreme values, empty
+batches, float32 accuracy measured against torch's own float32 error, and
+hypothesis properties. Self-contained: no fixtures from conftest.py.
+"""
+import contextlib
+import tracemalloc
+import zlib
+
+import numpy as np
+import pytest
+
+import lmxent as lx
+from lmxent import reference as R
+
+torch = pytest.importorskip("torch")
+ml_dtypes = pytest.importorskip("ml_dtypes")
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+ISAS = list(lx.cpu_info()["available"])
+FNS = ["logsumexp", "log_softmax", "softmax"]
+F32, F64, F16 = np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)
+BF16 = np.dtype(ml_dtypes.bfloat16)
+ALL_DTYPES = [F32, F64, F16, BF16]
+
+
+def _dtype_id(dt):
+    return "bfloat16" if dt == BF16 else np.dtype(dt).name
+
+
+# ------------------------------------------------------------------- helpers
+
+@contextlib.contextmanager
+def cpu_isa(name):
+    original = lx.cpu_info()["isa"]
+    lx.set_cpu_isa(name)
+    try:
+        assert lx.cpu_info()["isa"] == name
+        yield name
+    finally:
+        lx.set_cpu_isa(original)
+
+
+@contextlib.contextmanager
+def omp_threads(n):
+    original = lx.cpu_info()["threads"]
+    lx.set_num_threads(n)
+    try:
+        yield
+    finally:
+        lx.set_num_threads(original)
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    original = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(original)
+
+
+@pytest.fixture(params=ISAS)
+def use_isa(request):
+    """Run once per available instruction set; restore the original afterwards."""
+    with cpu_isa(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def rng(request):
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+def out_dtype(fn, dtype):
+    """lse is float32 (float64 for float64 input); softmax outputs keep x's dtype."""
+    if fn == "logsumexp":
+        return F64 if dtype == F64 else F32
+    return np.dtype(dtype)
+
+
+def call(fn, x, **kw):
+    return getattr(lx, fn)(x, **kw)
+
+
+def ref(fn, x, **kw):
+    return getattr(R, fn)(np.asarray(x, dtype=np.float64), **kw)
+
+
+def torch_fn(fn, x, axis=-1, temperature=1.0):
+    t = torch.from_numpy(np.ascontiguousarray(x)) / temperature
+    if fn == "logsumexp":
+        return torch.logsumexp(t, axis).numpy()
+    return getattr(torch, fn)(t, axis).numpy()
+
+
+def assert_nan_inf_equal(actual, expected, what=""):
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    assert a.shape == e.shape, (what, a.shape, e.shape)
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(e), err_msg=f"{what}: NaN positions")
+    inf = np.isinf(e)
+    np.testing.assert_array_equal(np.isinf(a), inf, err_msg=f"{what}: inf positions")
+    np.testing.assert_array_equal(a[inf], e[inf], err_msg=f"{what}: inf signs")
+
+
+def tol(fn, dtype, scale=1.0):
+    """(rtol, atol) against the float64 reference for a float32/float64 result whose
+    magnitude is `scale`: a few units in the last place of the compute type."""
+    eps = 2.0**-52 if dtype == F64 else 2.0**-23
+    if fn == "softmax":  # probabilities <= 1; error ~ ulp(lse) relative
+        return 8 * eps * max(1.0, scale), 8 * eps * max(1.0, scale)
+    return 8 * eps, 8 * eps * max(1.0, scale)
+
+
+def assert_matches_reference(fn, actual, x, dtype, *, what="", **kw):
+    """Compare one function's output with the reference on x's (rounded) values."""
+    expected = ref(fn, x, **kw)
+    assert actual.dtype == out_dtype(fn, dtype), (what, actual.dtype)
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    a64 = np.asarray(actual, dtype=np.float64)
+    # NaN/inf positions of the reference as the output dtype holds it (float16
+    # overflows to inf where float64 does not)
+    expected_rounded = expected.astype(actual.dtype).astype(np.float64)
+    assert_nan_inf_equal(a64, expected_rounded, what)
+    fin = np.isfinite(expected_rounded)
+    expected = np.where(fin, expected, expected_rounded)
+    if not fin.any():
+        return
+    # the error of log_softmax / softmax scales with |lse| (z - lse is formed in C)
+    lse = ref("logsumexp", x, **{k: v for k, v in kw.items() if k != "keepdims"})
+    lse_scale = float(np.max(np.abs(lse), initial=1.0, where=np.isfinite(lse)))
+    if dtype in (F16, BF16) and fn != "logsumexp":
+        # one rounding to the output dtype after float32 math whose absolute error
+        # is a few float32 ulps of |lse| (log_softmax near 0 cancels)
+        assert_lowp_close(actual, expected, what, extra_atol=4 * 2.0**-24 * lse_scale)
+        return
+    scale = max(float(np.max(np.abs(expected[fin]))), lse_scale)
+    rtol, atol = tol(fn, np.dtype(dtype) if dtype == F64 else F32, scale)
+    np.testing.assert_allclose(a64[fin], expected[fin], rtol=rtol, atol=atol, err_msg=what)
+
+
+_MANT = {F16: 10, BF16: 7}
+# Absolute floor: float16's subnormal spacing; for bfloat16 the smallest normal float32,
+# because the float32 exp flushes results below it to zero by design (no denormals).
+_TINY = {F16: 2.0**-24, BF16: 2.0**-126}
+
+
+def assert_lowp_close(actual, expected, what="", extra_atol=0.0):
+    """float16 / bfloat16 output within one unit in the last place of the exact value
+    (float32 math, then one round-to-nearest), plus `extra_atol` for the float32 math."""
+    dt = np.dtype(actual.dtype)
+    a = np.asarray(actual, dtype=np.float64)
+    fin = np.isfinite(expected)
+    e = expected[fin]
+    with np.errstate(divide="ignore"):
+        ulp = np.where(e == 0, _TINY[dt], 2.0 ** (np.floor(np.log2(np.abs(e))) - _MANT[dt]))
+    ulp = np.maximum(ulp, _TINY[dt]) + extra_atol
+    err = np.abs(a[fin] - e)
+    bad = err > ulp
+    assert not bad.any(), (f"{what}: {bad.sum()} values off by more than 1 ulp of "
+                           f"{_dtype_id(dt)}; worst {np.max(err / ulp):.2f} ulp")
+
+
+# --------------------------------------------------------- sizes x dtypes x ISAs
+
+SIZES = [(1, 1), (3, 1), (1, 2), (5, 2), (1, 7), (9, 7), (1, 31), (33, 31),
+         (3, 32000), (1, 50257), (3, 50257), (1, 128256), (1, 262144), (3, 262144)]
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=_dtype_id)
+@pytest.mark.parametrize("shape", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_sizes_match_reference_and_torch(use_isa, shape, dtype, rng):
+    x = (3.0 * rng.standard_normal(shape)).astype(dtype)
+    for fn in FNS:
+        y = call(fn, x)
+        assert_matches_reference(fn, y, x, dtype, what=f"{fn} {shape}")
+        t = torch_fn(fn, x)
+        rtol, atol = tol(fn, dtype, scale=max(1.0, float(np.abs(t).max())))
+        np.testing.assert_allclose(np.asarray(y, np.float64), t, rtol=4 * rtol, atol=4 * atol,
+                                   err_msg=f"{fn} vs torch {shape}")
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("shape", [(1, 7), (7, 33), (5, 2049), (3, 32000)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+def test_dtypes(use_isa, dtype, shape, rng):
+    """Outputs in the input dtype (lse float32, float64 for float64 input); compared with
+    the reference on the same rounded inputs."""
+    x = (4.0 * rng.standard_normal(shape)).astype(dtype)
+    for fn in FNS:
+        y = call(fn, x)
+        assert y.dtype == out_dtype(fn, dtype), (fn, y.dtype)
+        assert_matches_reference(fn, y, x, dtype, what=f"{fn} {_dtype_id(dtype)}")
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=_dtype_id)
+def test_lowp_lse_accumulates_in_float32(dtype, rng):
+    """A long bf16/f16 row: the lse would be far off if accumulated in the input dtype."""
+    x = rng.standard_normal((2, 100_000)).astype(dtype)
+    lse = lx.logsumexp(x)
+    expected = R.logsumexp(x)
+    np.testing.assert_allclose(lse, expected, rtol=1e-6 if dtype != F64 else 1e-13)
+
+
+# ------------------------------------------------------------------ temperature
+
+@pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=_dtype_id)
+@pytest.mark.parametrize("temperature", [0.25, 0.7, 2.0, 13.0])
+def test_temperature(use_isa, temperature, dtype, rng):
+    x = (3.0 * rng.standard_normal((11, 1001))).astype(dtype)
+    for fn in FNS:
+        y = call(fn, x, temperature=temperature)
+        assert_matches_reference(fn, y, x, dtype, what=f"{fn} T={temperature}",
+                                 temperature=temperature)
+        if dtype != BF16:
+            t = torch_fn(fn, x, temperature=temperature)
+            rtol, atol = tol(fn, dtype, scale=max(1.0, float(np.abs(t).max())))
+            np.testing.assert_allclose(np.asarray(y, np.float64), t, rtol=4 * rtol,
+                                       atol=4 * atol)
+    # temperature T equals dividing the logits by T (within rounding)
+    np.testing.assert_allclose(lx.log_softmax(x, temperature=temperature).astype(np.float64),
+                               lx.log_softmax((x.astype(np.float64) / temperature)
+                                              .astype(dtype)).astype(np.float64),
+                               rtol=1e-2 if dtype == BF16 else 1e-5,
+                               atol=0.1 if dtype == BF16 else 1e-4)
+
+
+# -------------------------------------------------------------- axis, keepdims
+
+@pytest.mark.parametrize("dtype", [F32, F64, F16], ids=_dtype_id)
+@pytest.mark.parametrize("axis", [0, 1, 2, -1, -2, -3])
+def test_any_axis_3d(use_isa, axis, dtype, rng):
+    x = (2.0 * rng.standard_normal((5, 6, 7))).astype(dtype)
+    for keepdims in (False, True):
+        lse = lx.logsumexp(x, axis=axis, keepdims=keepdims)
+        expected = R.logsumexp(x, axis, keepdims=keepdims)
+        assert lse.shape == expected.shape == np.sum(x, axis=axis, keepdims=keepdims).shape
+        assert_matches_reference("logsumexp", lse, x, dtype, axis=axis, keepdims=keepdims)
+    for fn in ("log_softmax", "softmax"):
+        y = call(fn, x, axis=axis)
+        assert y.shape == x.shape
+        assert_matches_reference(fn, y, x, dtype, what=f"{fn} axis={axis}", axis=axis)
+    if dtype != F16:
+        for fn in FNS:
+            t = torch_fn(fn, x, axis=axis)
+            np.testing.assert_allclose(np.asarray(call(fn, x, axis=axis), np.float64), t,
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_axis_out_of_range_raises():
+    x = np.zeros((2, 3), np.float32)
+    for fn in FNS:
+        with pytest.raises(ValueError):
+            call(fn, x, axis=2)
+        with pytest.raises(ValueError):
+            call(fn, x, axis=-3)
+
+
+def test_1d_input(use_isa, rng):
+    x = rng.standard_normal(37).astype(np.float32)
+    lse = lx.logsumexp(x)
+    assert lse.shape == () and lse.dtype == F32
+    np.testing.assert_allclose(lse, R.logsumexp(x), rtol=1e-6)
+    assert lx.logsumexp(x, keepdims=True).shape == (1,)
+    for fn in ("log_softmax", "softmax"):
+        assert_matches_reference(fn, call(fn, x), x, F32)
+
+
+# --------------------------------------------------------------------------- out=
+
+@pytest.mark.parametrize("fn", ["log_softmax", "softmax"])
+@pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=_dtype_id)
+def test_out_contiguous(use_isa, fn, dtype, rng):
+    x = (2.0 * rng.standard_normal((6, 4, 333))).astype(dtype)
+    out = np.full(x.shape, 123.0, dtype)
+    res = call(fn, x, out=out)
+    assert res is out
+    assert_matches_reference(fn, out, x, dtype)
+    np.testing.assert_array_equal(out.view(np.uint8), call(fn, x).view(np.uint8))
+
+
+@pytest.mark.parametrize("fn", ["log_softmax", "softmax"])
+@pytest.mark.parametrize("axis", [-1, 0, 1])
+@pytest.mark.parametrize("dtype", [F32, F64, F16], ids=_dtype_id)
+def test_out_is_x_in_place(use_isa, fn, axis, dtype, rng):
+    x0 = (2.0 * rng.standard_normal((5, 3, 2500))).astype(dtype)
+    expected = call(fn, x0, axis=axis)
+    x = x0.copy()
+    res = call(fn, x, axis=axis, out=x)
+    assert res is x
+    np.testing.assert_array_equal(x.astype(np.float64), expected.astype(np.float64))
+    assert_matches_reference(fn, x, x0, dtype, axis=axis)
+
+
+@pytest.mark.parametrize("fn", ["log_softmax", "softmax"])
+def test_out_in_place_huge_row_split_across_threads(use_isa, fn, rng):
+    """out=x with one row split across threads: pass 2 must not start before every
+    thread finished pass 1 (else it would read already-overwritten logits)."""
+    x0 = (2.0 * rng.standard_normal((1, 1 << 20))).astype(np.float32)
+    expected = ref(fn, x0)
+    x = x0.copy()
+    with omp_threads(4):
+        assert call(fn, x, out=x) is x
+    np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-5 if fn == "log_softmax" else 1e-9)
+
+
+@pytest.mark.parametrize("fn", ["log_softmax", "softmax"])
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_out_strided_last_axis(use_isa, fn, axis, rng):
+    """out whose last axis is not contiguous: the result still lands there, and the
+    memory between its elements is untouched."""
+    x = rng.standard_normal((4, 5, 301)).astype(np.float32)
+    big = np.full((4, 5, 602), -7.0, np.float32)
+    out = big[..., ::2]
+    res = call(fn, x, axis=axis, out=out)
+    assert res is out
+    assert_matches_reference(fn, out, x, F32, axis=axis)
+    assert (big[..., 1::2] == -7.0).all()
+
+
+@pytest.mark.parametrize("fn", ["log_softmax", "softmax"])
+def test_out_row_strided_slice(use_isa, fn, rng):
+    """out is a column slice of a wider array (rows strided): written in place, nothing
+    outside the slice changes."""
+    x = rng.standard_normal((9, 1000)).astype(np.float32)
+    big = np.full((9, 1100), 42.0, np.float32)
+    out = big[:, 50:1050]
+    res = call(fn, x, out=out)
+    assert res is out
+    assert_matches_reference(fn, out, x, F32)
+    assert (big[:, :50] == 42.0).all() and (big[:, 1050:] == 42.0).all()
+
+
+def test_out_wrong_shape_or_dtype_raises():
+    x = np.zeros((3, 4), np.float32)
+    for fn in ("log_softmax", "softmax"):
+        with pytest.raises(ValueError):
+            call(fn, x, out=np.zeros((3, 5), np.float32))
+        with pytest.raises(ValueError):
+            call(fn, x, out=np.zeros((3, 4), np.float64))
+        ro = np.zeros((3, 4), np.float32)
+        ro.flags.writeable = False
+        with pytest.raises(ValueError):
+            call(fn, x, out=ro)
+
+
+# ---------------------------------------------------------- strided rows, no copy
+
+def _peak_bytes(f):
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    try:
+        res = f()
+        return res, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=_dtype_id)
+def test_strided_rows_are_not_copied(use_isa, dtype, rng):
+    """x is a column slice of a wider array: its rows are read in place (NumPy reports
+    its allocations to tracemalloc, so a copy of x would show up in the peak)."""
+    wide = (2.0 * rng.standard_normal((32, 33000))).astype(dtype)
+    x = wide[:, 100:32100]
+    assert not x.flags.c_contiguous
+    budget = x.nbytes // 8
+
+    lse, peak = _peak_bytes(lambda: lx.logsumexp(x))
+    assert peak < budget, f"logsumexp copied its input? peak {peak} bytes"
+    assert_matches_reference("logsumexp", lse, x, dtype)
+
+    for fn in ("log_softmax", "softmax"):
+        big = np.full((32, 33000), 3.0, dtype)
+        out = big[:, 7:32007]
+        res, peak = _peak_bytes(lambda: call(fn, x, out=out))
+        assert res is out
+        assert peak < budget, f"{fn} copied input or output? peak {peak} bytes"
+        assert_matches_reference(fn, out, x, dtype)
+        assert (big[:, :7] == 3.0).all() and (big[:, 32007:] == 3.0).all()
+    np.testing.assert_array_equal(wide[:, 100:32100], x)  # input untouched
+
+
+def test_strided_rows_3d_view(use_isa, rng):
+    """(B, T, V) view with padded rows (both leading axes strided, collapsible)."""
+    base = rng.standard_normal((3, 4, 520)).astype(np.float32)
+    x = base[:, :, :500]
+    for fn in FNS:
+        assert_matches_reference(fn, call(fn, x), x, F32)
+
+
+# ------------------------------------------------- few rows x huge V (thread split)
+
+@pytest.mark.parametrize("threads", [None, 4])
+@pytest.mark.parametrize("shape", [(2, 262144), (1, 1 << 20), (3, 1 << 17)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+def test_few_rows_huge_vocab(use_isa, shape, threads, rng):
+    """Few long rows: each row is split across threads and the partial LSE states are
+    merged. With 4 threads even 2 and 3 rows are split."""
+    x = (3.0 * rng.standard_normal(shape)).astype(np.float32)
+    x[:, -1] = 25.0  # the last chunk matters
+    x[0, shape[1] // 2 + 3] = 26.0  # so does the middle (thread boundary area)
+    ctx = omp_threads(threads) if threads else contextlib.nullcontext()
+    with ctx:
+        ys = {fn: call(fn, x) for fn in FNS}
+    for fn in FNS:
+        assert_matches_reference(fn, ys[fn], x, F32, what=f"{fn} {shape}")
+
+
+@pytest.mark.parametrize("threads,shape", [(2, (1, 65537)), (2, (1, 1048577)),
+                                           (4, (3, 131075))],
+                         ids=["2thr-1x65537", "2thr-1x1048577", "4thr-3x131075"])
+def test_row_split_keeps_tail_columns(use_isa, threads, shape, rng):
+    x = rng.standard_normal(shape).astype(np.float32)
+    x[:, -1] = 30.0  # dominates the row: lse ~ 30, softmax[-1] ~ 1
+    with omp_threads(threads):
+        lse = lx.logsumexp(x)
+        sm = lx.softmax(x)
+    np.testing.assert_allclose(lse, R.logsumexp(x), rtol=1e-6)
+    np.testing.assert_allclose(sm[:, -1], R.softmax(x)[:, -1], rtol=1e-5)
+
+
+# -------------------------------------------------------------- extreme inputs
+
+INF, NAN = np.inf, np.nan
+EXTREME_ROWS = [
+    [1e4, -1e4, 0.0, 3.0, -2.5],            # huge spread
+    [-1e4, -1e4 + 1, -1e4 + 2, -1e4, -1e4],  # everything very negative
+    [1e4, 1e4, 1e4 - 1, 1e4, 1e4],           # everything very large
+    [-INF, 1.0, 2.0, -INF, 0.5],             # masked entries
+    [-INF, -INF, -INF, 3.0, -INF],           # one live entry
+    [-INF, -INF, -INF, -INF, -INF],          # all masked: lse -inf, softmax NaN
+    [NAN, 1.0, 2.0, 3.0, 4.0],               # NaN -> whole row NaN
+    [1.0, 2.0, 3.0, 4.0, NAN],
+    [NAN, -INF, 2.0, INF, 4.0],              # NaN beside +inf is still NaN
+    [0.5, -0.25, 1.0, 2.0, -3.0],            # ordinary row between the others
+]
+MASKED_ROWS = [3, 4, 5]  # rows whose filler entries are -inf
+
+
+def _extreme(rows, V, dtype, rng):
+    """Rows of length V holding the 5 given values at spread-out columns (different
+    chunks of 2048; at V=70000 different threads too), ordinary values elsewhere."""
+    rows = np.array(rows, np.float64)
+    if dtype == F16:
+        rows = np.where(np.abs(rows) == 1e4, np.sign(rows) * 6e4, rows)  # f16 max 65504
+    if V == rows.shape[1]:
+        return rows.astype(dtype)
+    x = rng.standard_normal((len(rows), V))
+    x[[r for r in MASKED_ROWS if r < len(rows)]] = -INF
+    x[:, [0, V // 3, V // 2 + 1, V - 2050, V - 1]] = rows
+    return x.astype(dtype)
+
+
+@pytest.mark.parametrize("V", [5, 3000, 70000])
+@pytest.mark.parametrize("dtype", [F32, F64, F16, BF16], ids=_dtype_id)
+def test_extreme_inputs(use_isa, dtype, V, rng):
+    """±1e4, -inf, an all -inf row, NaN against the reference (same rounded inputs),
+    element by element; also against torch for float32/float64."""
+    x = _extreme(EXTREME_ROWS, V, dtype, rng)
+    for fn in FNS:
+        y = call(fn, x)
+        assert_matches_reference(fn, y, x, dtype, what=f"{fn} extreme")
+    lse = np.asarray(lx.logsumexp(x), np.float64)
+    assert lse[5] == -INF
+    assert np.isnan(lse[6:9]).all()
+    assert np.isfinite(np.delete(lse, [5, 6, 7, 8])).all()
+    if dtype in (F32, F64):
+        for fn in FNS:
+            assert_nan_inf_equal(call(fn, x), torch_fn(fn, x), f"{fn} vs torch")
+
+
+PLUS_INF_ROWS = [
+    [INF, 1.0, 2.0, 3.0, 4.0],
+    [INF, -INF, 0.0, 1.0, 2.0],
+    [1.0, INF, INF, -1.0, 0.0],
+]
+
+
+@pytest.mark.parametrize("fn", ["logsumexp", "log_softmax",
+                                "softmax"])
+@pytest.mark.parametrize("V", [5, 3000])
+@pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=_dtype_id)
+def test_plus_inf_rows(use_isa, dtype, V, fn, rng):
+    """+inf: lse = +inf (as torch); log_softmax = NaN at the +inf entries, -inf
+    elsewhere; softmax = NaN at the +inf entries, 0 elsewhere (the reference)."""
+    x = _extreme(PLUS_INF_ROWS, V, dtype, rng)
+    y = call(fn, x)
+    assert_matches_reference(fn, y, x, dtype, what=f"{fn} +inf")
+    if fn == "logsumexp":
+        assert (y == INF).all()
+        if dtype != BF16:
+            assert_nan_inf_equal(y, torch_fn(fn, x), "lse vs torch")
+
+
+@pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=_dtype_id)
+def test_nan_propagates_to_its_row_only(use_isa, dtype, rng):
+    x = rng.standard_normal((7, 4099)).astype(dtype)
+    clean = {fn: call(fn, x) for fn in FNS}
+    x[3, 2222] = np.nan
+    for fn in FNS:
+        y = call(fn, x)
+        assert np.isnan(np.asarray(y[3], np.float64)).all(), fn
+        others = [0, 1, 2, 4, 5, 6]
+        np.testing.assert_array_equal(np.asarray(y[others], np.float64),
+                                      np.asarray(clean[fn][others], np.float64))
+
+
+def test_nan_in_one_thread_part_of_a_split_row(use_isa, rng):
+    x = rng.standard_normal((1, 1 << 20)).astype(np.float32)
+    x[0, 1000] = np.nan
+    with omp_threads(4):
+        for fn in FNS:
+            assert np.isnan(call(fn, x)).all(), fn
+    x[0, 1000] = -np.inf
+    x[0, 1 << 19] = np.inf
+    with omp_threads(4):
+        assert lx.logsumexp(x)[0] == np.inf
+
+
+def test_all_masked_row_matches_torch(use_isa):
+    x = np.full((2, 9000), -np.inf, np.float32)
+    x[1, 5] = 0.0
+    lse = lx.logsumexp(x)
+    t = torch.logsumexp(torch.from_numpy(x), -1).numpy()
+    assert lse[0] == -np.inf and t[0] == -np.inf
+    assert lse[1] == 0.0
+    sm = lx.softmax(x)
+    assert np.isnan(sm[0]).all() and np.isnan(torch.softmax(torch.from_numpy(x), -1)[0]).all()
+    np.testing.assert_array_equal(sm[1], np.eye(1, 9000, 5, dtype=np.float32)[0])
+
+
+# ------------------------------------------------------------------ empty batch
+
+@pytest.mark.parametrize("shape", [(0, 1), (0, 5), (0, 32000), (2, 0, 7)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_empty_batch_logsumexp(use_isa, shape):
+    for dtype in (F32, F64, BF16):
+        lse = lx.logsumexp(np.zeros(shape, dtype))
+        assert lse.shape == shape[:-1] and lse.dtype == out_dtype("logsumexp", dtype)
+        assert lx.logsumexp(np.zeros(shape, dtype), keepdims=True).shape == shape[:-1] + (1,)
+
+
+@pytest.mark.parametrize("fn", ["log_softmax", "softmax"])
+def test_empty_batch_single_class(use_isa, fn):
+    y = call(fn, np.zeros((0, 1), np.float32))
+    assert y.shape == (0, 1) and y.dtype == F32
+
+
+@pytest.mark.parametrize("fn", ["log_softmax", "softmax"])
+@pytest.mark.parametrize("shape", [(0, 5), (0, 32000), (2, 0, 7)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_empty_batch_softmax(use_isa, fn, shape):
+    y = call(fn, np.zeros(shape, np.float32))
+    assert y.shape == shape and y.dtype == F32
+
+
+# ------------------------------------------------- float32 accuracy against torch
+
+# name: (shape, offset, scale) of x = offset + scale * N(0, 1), float32
+ACC_CASES = {
+    "normal1-64x32000": ((64, 32000), 0.0, 1.0),
+    "normal4-8x50257": ((8, 50257), 0.0, 4.0),
+    "llama3-4x128256": ((4, 128256), 0.0, 3.0),
+    "wide2-2x262144": ((2, 262144), 0.0, 2.0),
+    "smallV-512x31": ((512, 31), 0.0, 2.0),
+    "peaked-512x31": ((512, 31), 0.0, 10.0),
+    "offset1e4-64x2000": ((64, 2000), 1e4, 1.0),
+}
+ACC_PARAMS = [pytest.param(c, f, id=f"{c}-{f}") for c in ACC_CASES for f in FNS]
+
+
+@pytest.mark.parametrize("case,fn", ACC_PARAMS)
+def test_float32_accuracy_vs_torch(use_isa, case, fn, record_property):
+    """max |lmxent - ref64| <= 1.5 * max |torch_f32 - ref64| + half an ulp of the
+    largest output, on the same float32 inputs."""
+    shape, offset, scale = ACC_CASES[case]
+    rng = np.random.default_rng(zlib.crc32(case.encode()))
+    x = (offset + scale * rng.standard_normal(shape)).astype(np.float32)
+    expected = ref(fn, x)
+    with torch_threads(1):  # deterministic reduction order
+        t = torch_fn(fn, x)
+    err_torch = float(np.max(np.abs(t - expected)))
+    err = float(np.max(np.abs(call(fn, x).astype(np.float64) - expected)))
+    floor = 2.0**-24 * max(1.0, float(np.max(np.abs(expected))))
+    record_property("err_lmxent", err)
+    record_property("err_torch", err_torch)
+    print(f"{case} {fn} [{use_isa}]: lmxent {err:.3e}  torch {err_torch:.3e}")
+    assert err <= 1.5 * err_torch + floor, (err, err_torch, floor)
+
+
+# ---------------------------------------------------------- hypothesis properties
+
+_settings = settings(max_examples=60, deadline=None,
+                     suppress_health_check=[HealthCheck.too_slow])
+
+
+def _rows(dtype, lo=-50.0, hi=50.0, max_v=300):
+    return hnp.arrays(
+        dtype=dtype,
+        shape=st.tuples(st.integers(1, 4), st.integers(1, max_v)),
+        elements=st.floats(lo, hi, width=32 if dtype == F32 else 64,
+                           allow_nan=False, allow_infinity=False),
+    )
+
+
+@_settings
+@given(data=st.data(), dtype=st.sampled_from([F32, F64]), isa=st.sampled_from(ISAS))
+def test_property_softmax_rows_sum_to_one(data, dtype, isa):
+    x = data.draw(_rows(dtype))
+    with cpu_isa(isa):
+        p = lx.softmax(x)
+    assert (p >= 0).all() and (p <= 1).all()
+    s = p.astype(np.float64).sum(axis=-1)
+    # per-element error ~ (|lse| + |z - lse|) * eps, summed over probabilities
+    eps = 2.0**-52 if dtype == F64 else 2.0**-23
+    bound = eps * (8 + 2 * (np.abs(x).max() + np.log(x.shape[-1]) + 8))
+    np.testing.assert_allclose(s, 1.0, rtol=0, atol=bound)
+
+
+@_settings
+@given(data=st.data(), dtype=st.sampled_from([F32, F64]), isa=st.sampled_from(ISAS),
+       c=st.integers(-200, 200))
+def test_property_log_softmax_shift_invariance(data, dtype, isa, c):
+    # values on a 1/64 grid: x + c is exact in float32, so only kernel error remains
+    k = data.draw(hnp.arrays(np.int32, st.tuples(st.integers(1, 3), st.integers(1, 200)),
+                             elements=st.integers(-64 * 40, 64 * 40)))
+    x = (k / 64.0).astype(dtype)
+    xs = (x.astype(np.float64) + c).astype(dtype)
+    np.testing.assert_array_equal(xs.astype(np.float64) - c, x.astype(np.float64))
+    with cpu_isa(isa):
+        a = lx.log_softmax(x).astype(np.float64)
+        b = lx.log_softmax(xs).astype(np.float64)
+    eps = 2.0**-52 if dtype == F64 else 2.0**-23
+    big = 40 + abs(c) + np.log(x.shape[-1]) + 80  # bound on |lse| and |log p|
+    np.testing.assert_allclose(a, b, rtol=0, atol=4 * eps * big)
+
+
+@_settings
+@given(data=st.data(), dtype=st.sampled_from([F32, F64]), isa=st.sampled_from(ISAS))
+def test_property_log_softmax_is_log_of_softmax(data, dtype, isa):
+    x = data.draw(_rows(dtype, -30.0, 30.0))
+    with cpu_isa(isa):
+        ls = lx.log_softmax(x).astype(np.float64)
+        p = lx.softmax(x).astype(np.float64)
+    ok = p > 1e-6  # not tiny: log(p) is well conditioned there
+    eps = 2.0**-52 if dtype == F64 else 2.0**-23
+    np.testing.assert_allclose(np.log(p[ok]), ls[ok], rtol=0, atol=8 * eps * 16)
+    assert (ls <= 0).all()
+
+
+@_settings
+@given(data=st.data(), dtype=st.sampled_from([F32, F64]), isa=st.sampled_from(ISAS))
+def test_property_lse_at_least_max(data, dtype, isa):
+    x = data.draw(_rows(dtype, -1e4, 1e4, max_v=3000))
+    with cpu_isa(isa):
+        lse = lx.logsumexp(x)
+    m = x.max(axis=-1)
+    assert (lse >= m).all()  # exact: lse = m + log(s), s >= 1, rounding is monotone
+    eps = 2.0**-52 if dtype == F64 else 2.0**-23
+    assert (lse.astype(np.float64) <= m + np.log(x.shape[-1]) * (1 + 4 * eps)
+            + 4 * eps * np.abs(m) + 1e-12).all()
