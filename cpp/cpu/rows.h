@@ -172,7 +172,7 @@ Partial row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr, const S& s
     auto u_at = [&](int64_t j) { return kBuf ? load(buf + j) : tr.pre(load(xb + j)); };
     // The row tail: invalid lanes become -inf, after the transform.
     const V<C> u_tail = nv < n ? (lanes < (C)(n - nv) ? tr.pre(load_partial(xb + nv, n - nv, (C)0)) : ninf) : ninf;
-    V<C> m0 = ninf, m1 = ninf;
+    V<C> m0 = ninf, m1 = ninf, l0 = -ninf, l1 = -ninf;
     int64_t j = 0;
     for (; j + 2 * W <= nv; j += 2 * W) {
       V<C> u0 = tr.pre(load(xb + j)), u1 = tr.pre(load(xb + j + W));
@@ -182,11 +182,14 @@ Partial row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr, const S& s
       }
       m0 = vmax<C>(m0, u0);
       m1 = vmax<C>(m1, u1);
+      l0 = vmin<C>(l0, u0);
+      l1 = vmin<C>(l1, u1);
     }
     for (; j < nv; j += W) {
       V<C> u = tr.pre(load(xb + j));
       if (kBuf) store(buf + j, u);
       m0 = vmax<C>(m0, u);
+      l0 = vmin<C>(l0, u);
     }
     m0 = vmax<C>(m0, u_tail);
     // The max skips NaN; a NaN still reaches the sum through exp, except
@@ -200,22 +203,33 @@ Partial row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr, const S& s
     const C mx = mu == -(C)INFINITY ? (C)0 : mu;
     V<C> s0 = {}, s1 = {}, ts = {}, tz = {};
     C* e = keep ? keep->e + b : nullptr;
-    for (j = 0; j + 2 * W <= nv; j += 2 * W) {
-      V<C> e0 = vexp2_neg((u_at(j) - mx) * k), e1 = vexp2_neg((u_at(j + W) - mx) * k);
-      s0 += e0;
-      s1 += e1;
-      if (e) {
-        store(e + j, e0);
-        store(e + j + W, e1);
+    // The exps of the whole vectors; their range checks are skipped when the
+    // chunk's smallest value cannot underflow (no -inf, no NaN).
+    auto exps = [&](auto clamp) {
+      constexpr bool kClamp = decltype(clamp)::value;
+      int64_t i = 0;
+      for (; i + 2 * W <= nv; i += 2 * W) {
+        V<C> e0 = vexp2_neg<C, kClamp>((u_at(i) - mx) * k), e1 = vexp2_neg<C, kClamp>((u_at(i + W) - mx) * k);
+        s0 += e0;
+        s1 += e1;
+        if (e) {
+          store(e + i, e0);
+          store(e + i + W, e1);
+        }
       }
-    }
-    for (; j < nv; j += W) {
-      V<C> e0 = vexp2_neg((u_at(j) - mx) * k);
-      s0 += e0;
-      if (e) store(e + j, e0);
-    }
+      for (; i < nv; i += W) {
+        V<C> e0 = vexp2_neg<C, kClamp>((u_at(i) - mx) * k);
+        s0 += e0;
+        if (e) store(e + i, e0);
+      }
+    };
+    const C lowest = hmin<C>(vmin<C>(l0, l1));
+    if ((lowest - mx) * k > Exp2Neg<C>::lo + 1)
+      exps(std::false_type());
+    else
+      exps(std::true_type());
     if (nv < n) {
-      V<C> e0 = vexp2_neg((u_tail - mx) * k);
+      V<C> e0 = vexp2_neg<C>((u_tail - mx) * k);
       s0 += e0;
       if (e) store(e + nv, e0);
     }

@@ -33,15 +33,15 @@ struct f16_t { uint16_t bits; };
 
 template <class T> struct Vec;
 template <> struct Vec<float> {
-  typedef float type __attribute__((vector_size(LMXENT_VBYTES), aligned(4)));
-  typedef int32_t itype __attribute__((vector_size(LMXENT_VBYTES), aligned(4)));
-  typedef uint32_t utype __attribute__((vector_size(LMXENT_VBYTES), aligned(4)));
-  typedef uint16_t htype __attribute__((vector_size(LMXENT_VBYTES / 2), aligned(2)));
+  typedef float type __attribute__((vector_size(LMXENT_VBYTES)));
+  typedef int32_t itype __attribute__((vector_size(LMXENT_VBYTES)));
+  typedef uint32_t utype __attribute__((vector_size(LMXENT_VBYTES)));
+  typedef uint16_t htype __attribute__((vector_size(LMXENT_VBYTES / 2)));
   static constexpr int W = LMXENT_VBYTES / 4;
 };
 template <> struct Vec<double> {
-  typedef double type __attribute__((vector_size(LMXENT_VBYTES), aligned(8)));
-  typedef int64_t itype __attribute__((vector_size(LMXENT_VBYTES), aligned(8)));
+  typedef double type __attribute__((vector_size(LMXENT_VBYTES)));
+  typedef int64_t itype __attribute__((vector_size(LMXENT_VBYTES)));
   static constexpr int W = LMXENT_VBYTES / 8;
 };
 
@@ -54,6 +54,7 @@ template <class C> using VI = typename Vec<C>::itype;
 
 template <class C> inline V<C> splat(C v) { return V<C>{} + v; }
 template <class C> inline V<C> vmax(V<C> a, V<C> b) { return a > b ? a : b; }
+template <class C> inline V<C> vmin(V<C> a, V<C> b) { return a < b ? a : b; }
 template <class C> inline V<C> vselect(VI<C> m, V<C> a, V<C> b) { return m ? a : b; }
 
 template <class C> inline C hsum(V<C> v) {
@@ -62,6 +63,12 @@ template <class C> inline C hsum(V<C> v) {
   return s;
 }
 // Horizontal max that keeps a NaN (NaN wins).
+// hmin may drop a NaN (vexp2_neg passes NaN through with or without its clamp).
+template <class C> inline C hmin(V<C> v) {
+  C m = v[0];
+  for (int i = 1; i < Vec<C>::W; ++i) m = v[i] < m ? v[i] : m;
+  return m;
+}
 template <class C> inline C hmax(V<C> v) {
   C m = v[0];
   for (int i = 1; i < Vec<C>::W; ++i) m = (v[i] > m || v[i] != v[i]) ? v[i] : m;
@@ -165,7 +172,9 @@ inline V<double> exp_poly(V<double> r);
 template <class C> struct Exp2Neg;
 template <> struct Exp2Neg<float> {
   static constexpr float lo = LMXENT_VBYTES == 64 ? -150.0f : -126.0f;
-  static constexpr float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  // 1.5 * 2^23 + 127: adding it rounds to an integer and leaves n + 127, the
+  // biased exponent of 2^n, in the low mantissa bits
+  static constexpr float magic = 12583039.0f;
   static V<float> frac(V<float> f) {
     V<float> p = splat(1.5345806605182588e-4f);
     p = p * f + 1.3399930903688073e-3f;
@@ -178,14 +187,16 @@ template <> struct Exp2Neg<float> {
 };
 template <> struct Exp2Neg<double> {
   static constexpr double lo = LMXENT_VBYTES == 64 ? -1075.0 : -1022.0;
-  static constexpr double magic = 6755399441055744.0;  // 1.5 * 2^52
+  static constexpr double magic = 6755399441056767.0;  // 1.5 * 2^52 + 1023
   static V<double> frac(V<double> f) { return exp_poly(f * 0.6931471805599453094172); }
 };
 
-template <class C>
-inline V<C> vexp2_neg_impl(V<C> y) {
+// Clamp = false when the caller knows lo < y (no -inf, no underflow): the
+// range handling is skipped.
+template <class C, bool Clamp = true>
+inline V<C> vexp2_neg(V<C> y) {
   typedef Exp2Neg<C> K;
-  V<C> yc = y < K::lo ? splat<C>(K::lo) : y;  // NaN compares false: kept
+  V<C> yc = Clamp ? (y < K::lo ? splat<C>(K::lo) : y) : y;  // NaN compares false: kept
   V<C> t = yc + K::magic;
   V<C> n = t - K::magic;
   V<C> p = K::frac(yc - n);
@@ -195,17 +206,13 @@ inline V<C> vexp2_neg_impl(V<C> y) {
   else
     return (V<C>)_mm512_scalef_pd((__m512d)p, (__m512d)n);
 #else
-  constexpr int bias = sizeof(C) == 4 ? 127 : 1023, mant = sizeof(C) == 4 ? 23 : 52;
-  VI<C> ni = (VI<C>)t - (VI<C>)splat<C>(K::magic);
-  V<C> r = p * (V<C>)((ni + bias) << mant);
-  return y < K::lo ? V<C>{} : r;
+  V<C> r = p * (V<C>)((VI<C>)t << (sizeof(C) == 4 ? 23 : 52));
+  return Clamp ? (y < K::lo ? V<C>{} : r) : r;
 #endif
 }
-inline V<float> vexp2_neg(V<float> y) { return vexp2_neg_impl<float>(y); }
-inline V<double> vexp2_neg(V<double> y) { return vexp2_neg_impl<double>(y); }
 template <class C> constexpr C kLog2e = (C)1.4426950408889634073599;
-inline V<float> vexp_neg(V<float> x) { return vexp2_neg(x * kLog2e<float>); }
-inline V<double> vexp_neg(V<double> x) { return vexp2_neg(x * kLog2e<double>); }
+inline V<float> vexp_neg(V<float> x) { return vexp2_neg<float>(x * kLog2e<float>); }
+inline V<double> vexp_neg(V<double> x) { return vexp2_neg<double>(x * kLog2e<double>); }
 
 inline V<float> exp_poly(V<float> r) {
   V<float> p = splat(1.9875691500E-4f);
