@@ -32,17 +32,17 @@ except ImportError:  # torch is an optional peer
     torch = None
 
 
-def median_time(fn, repeats, min_time=0.5):
-    """Median wall time of fn() after one warm-up call; at least `repeats` runs and
+def best_time(fn, repeats, min_time=0.5):
+    """Best wall time of fn() after one warm-up call; at least `repeats` runs and
     at least min_time seconds in total."""
     fn()
     times = []
     start = time.perf_counter()
-    while len(times) < repeats or (time.perf_counter() - start < min_time and len(times) < 50):
+    while len(times) < repeats or (time.perf_counter() - start < min_time and len(times) < 20):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return float(np.min(times))
 
 
 # ---- peers ------------------------------------------------------------------
@@ -109,7 +109,7 @@ def bench_shape(N, V, dtype, repeats, threads):
     t = rng.integers(0, V, N)
     nbytes = x.nbytes
     dst = np.empty_like(x)
-    copy_s = median_time(lambda: np.copyto(dst, x), repeats)
+    copy_s = best_time(lambda: np.copyto(dst, x), repeats)
     copy_gbs = 2 * nbytes / copy_s / 1e9
 
     # references on a slice of rows (float64, from the same rounded inputs)
@@ -183,7 +183,7 @@ def bench_shape(N, V, dtype, repeats, threads):
             if not ok:
                 rows.append(dict(op=op, impl=impl, status="WRONG", max_err=err))
                 continue
-            s = median_time(fn, repeats)
+            s = best_time(fn, repeats)
             rows.append(dict(op=op, impl=impl, status="ok", max_err=err, seconds=s,
                              gbs=moved / s / 1e9, copy_fraction=moved / s / 1e9 / copy_gbs))
     for r in rows:  # speedups of lmxent over each peer, per op

@@ -145,6 +145,7 @@ void math(const py::array& in, const py::array& out, int fn) {
   if (i.dtype != o.dtype || i.rows != 1 || o.rows != 1 || i.cols != o.cols || i.dtype == DType::F16 ||
       i.dtype == DType::BF16)
     fail("math", "expects two (1, n) float32 or float64 arrays");
+  if (fn != 0 && fn != 1) fail("math", "fn must be 0 (exp of x <= 0) or 1 (tanh)");
   py::gil_scoped_release nogil;
   lmxent::cpu::active().math(i.data, o.data, i.cols, i.dtype, fn);
 }

@@ -29,6 +29,7 @@ struct CEOp {
   S spread;
   double hard_k;   // (1 - eps) for class ids, 0 for probability targets
   double t_sum_k;  // sum_j t_j for class ids (the same on every row)
+  bool stream;     // non-temporal gradient stores
 
   bool prob() const { return a.probs.data != nullptr; }
   // Pass 2 reuses pass 1's exps unless it has no pass 1 or needs z (softcap).
@@ -70,7 +71,7 @@ struct CEOp {
     if (!a.grad.data) return;
     T* g = (T*)a.grad.data + r * a.grad.stride;
     if (k.skip) {
-      row_emit(g, c0, c1, [](int64_t, int64_t) { return V<C>{}; });
+      row_emit(g, c0, c1, [](int64_t, int64_t) { return V<C>{}; }, stream);
       return;
     }
     const S sp = spread.row(r);
@@ -80,7 +81,7 @@ struct CEOp {
       row_emit(g, c0, c1, [&](int64_t j, int64_t n) {
         V<C> t = n == Vec<C>::W ? sp.vec(j) : sp.part(j, n);
         return load(keep->e + j) * (C)keep->m[j >> kChunkShift] - t * ts;
-      });
+      }, stream);
       return;
     }
     const LseSplit<C> ls(k.lse);
@@ -89,7 +90,7 @@ struct CEOp {
       V<C> z = tr(xv);
       V<C> t = n == Vec<C>::W ? sp.vec(j) : sp.part(j, n);
       return (A * vexp_neg(ls.sub(z)) - t) * tr.slope(z) * rs;
-    });
+    }, stream);
   }
 
   // The target element, from the logit saved before pass 2 (which may have
@@ -107,7 +108,7 @@ template <class T, bool SC, class S>
 static void run_ce(const CEArgs& a, const S& s, double t_sum_k) {
   typedef typename Compute<T>::type C;
   const double hard_k = a.probs.data ? 0.0 : 1.0 - a.smoothing;
-  run_rows(a.logits.rows, a.logits.cols, CEOp<T, SC, S>{a, Tr<C, SC>(a.tr), s, hard_k, t_sum_k});
+  run_rows(a.logits.rows, a.logits.cols, CEOp<T, SC, S>{a, Tr<C, SC>(a.tr), s, hard_k, t_sum_k, stream_output(a.grad, a.logits.data)});
 }
 
 template <class T, bool SC>

@@ -20,7 +20,7 @@
 #else
 #define LMXENT_VBYTES 16
 #endif
-#if defined(__F16C__) || defined(__AVX512F__)
+#if defined(__SSE2__)
 #include <immintrin.h>
 #endif
 
@@ -147,6 +147,30 @@ inline V<C> load_partial(const T* p, int64_t n, C fill) {
   for (int64_t i = n; i < Vec<C>::W; ++i) v[i] = fill;
   return v;
 }
+// A non-temporal store of a whole vector to a vector-aligned address.
+inline void store_stream(float* p, V<float> v) {
+#if LMXENT_VBYTES == 64
+  _mm512_stream_ps(p, (__m512)v);
+#elif LMXENT_VBYTES == 32
+  _mm256_stream_ps(p, (__m256)v);
+#elif defined(__SSE2__)
+  _mm_stream_ps(p, (__m128)v);
+#else
+  store(p, v);
+#endif
+}
+inline void store_stream(double* p, V<double> v) {
+#if LMXENT_VBYTES == 64
+  _mm512_stream_pd(p, (__m512d)v);
+#elif LMXENT_VBYTES == 32
+  _mm256_stream_pd(p, (__m256d)v);
+#elif defined(__SSE2__)
+  _mm_stream_pd(p, (__m128d)v);
+#else
+  store(p, v);
+#endif
+}
+
 template <class T, class C = typename Compute<T>::type>
 inline void store_partial(T* p, V<C> v, int64_t n) {
   T tmp[Vec<C>::W];
@@ -155,18 +179,14 @@ inline void store_partial(T* p, V<C> v, int64_t n) {
 }
 
 // ---- exp and tanh ------------------------------------------------------------
-// exp: x = n ln2 + r, |r| <= ln2/2 (Cody-Waite two-part ln2), e^r by a
-// polynomial (float: Cephes' degree-7 minimax form; double: Cephes' Pade
-// form), 2^n built in the exponent bits. Below the smallest normal result
-// we return 0 (no denormals), above the largest +inf; NaN stays NaN.
-
-// 2^y for y <= ~0 (u * k - max * k, formed by one FMA in the kernels),
-// where the kernels spend their time: -inf gives exactly 0 and NaN stays NaN,
-// without the range selects of vexp. y = n + f, |f| <= 1/2; 2^f by a
-// degree-6 polynomial (relative error 1.9e-9 before float rounding; fitted
-// for this file); 2^n by vscalef on AVX-512 (exact underflow to 0), by the
-// exponent bits elsewhere (clamped at the smallest normal, zero below it).
-inline V<float> exp_poly(V<float> r);
+// The kernels only need exp(x) for x <= 0 (of z - max): 2^y with y = x log2(e)
+// (in the kernels y = (u - max) k directly). -inf gives exactly 0 and NaN
+// stays NaN. y = n + f, |f| <= 1/2; 2^f by a polynomial (float: degree 6,
+// relative error 1.9e-9 before rounding, fitted for this file; double:
+// Cephes' Pade form of e^r); 2^n by vscalef on AVX-512 (exact gradual
+// underflow), by the exponent bits elsewhere (zero below the smallest
+// normal). Forming y in working precision costs up to |x| ulps of relative
+// error, only where the term is tiny beside the row's max term.
 inline V<double> exp_poly(V<double> r);
 
 template <class C> struct Exp2Neg;
@@ -214,15 +234,6 @@ template <class C> constexpr C kLog2e = (C)1.4426950408889634073599;
 inline V<float> vexp_neg(V<float> x) { return vexp2_neg<float>(x * kLog2e<float>); }
 inline V<double> vexp_neg(V<double> x) { return vexp2_neg<double>(x * kLog2e<double>); }
 
-inline V<float> exp_poly(V<float> r) {
-  V<float> p = splat(1.9875691500E-4f);
-  p = p * r + 1.3981999507E-3f;
-  p = p * r + 8.3334519073E-3f;
-  p = p * r + 4.1665795894E-2f;
-  p = p * r + 1.6666665459E-1f;
-  p = p * r + 5.0000001201E-1f;
-  return p * (r * r) + r + 1.0f;
-}
 inline V<double> exp_poly(V<double> r) {
   V<double> rr = r * r;
   V<double> px = ((1.26177193074810590878E-4 * rr + 3.02994407707441961300E-2) * rr +
@@ -232,57 +243,27 @@ inline V<double> exp_poly(V<double> r) {
   return 1.0 + 2.0 * px / (qx - px);
 }
 
-inline V<float> vexp(V<float> x) {
-  const V<float> hi = splat(88.3762626647949f), lo = splat(-87.3365447504f);
-  V<float> xc = x > hi ? hi : x;
-  xc = xc < lo ? lo : xc;
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  V<float> t = xc * 1.44269504088896341f + magic;
-  V<float> n = t - magic;
-  VI<float> ni = (VI<float>)t - (VI<float>)splat(magic);
-  V<float> r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  V<float> p = exp_poly(r);
-  V<float> scale = (V<float>)((ni + 127) << 23);
-  V<float> y = p * scale;
-  y = x < lo ? splat(0.0f) : y;
-  y = x > splat(88.72283905f) ? splat((float)INFINITY) : y;
-  return x != x ? x : y;
-}
-
-inline V<double> vexp(V<double> x) {
-  const V<double> hi = splat(709.0), lo = splat(-708.0);
-  V<double> xc = x > hi ? hi : x;
-  xc = xc < lo ? lo : xc;
-  const double magic = 6755399441055744.0;  // 1.5 * 2^52
-  V<double> t = xc * 1.4426950408889634073599 + magic;
-  V<double> n = t - magic;
-  VI<double> ni = (VI<double>)t - (VI<double>)splat(magic);
-  V<double> r = xc - n * 6.93145751953125E-1;
-  r = r - n * 1.42860682030941723212E-6;
-  V<double> p = exp_poly(r);
-  V<double> scale = (V<double>)((ni + 1023) << 52);
-  V<double> y = p * scale;
-  y = x < lo ? splat(0.0) : y;
-  y = x > splat(709.782712893384) ? splat((double)INFINITY) : y;
-  return x != x ? x : y;
-}
-
-// tanh: near 0 the [7/6] Pade approximant (no cancellation), elsewhere
+// tanh: near 0 a rational form without cancellation (float: the [7/6] Pade
+// approximant; double: Cephes' x + x^3 P(x^2)/Q(x^2)), elsewhere
 // (1 - e) / (1 + e) with e = exp(-2|u|).
 template <class C>
 inline V<C> vtanh(V<C> u) {
   V<C> a = u < 0 ? -u : u;
-  V<C> u2 = u * u;
-  V<C> num = ((u2 + (C)378) * u2 + (C)17325) * u2 + (C)135135;
-  V<C> den = (((C)28 * u2 + (C)3150) * u2 + (C)62370) * u2 + (C)135135;
-  V<C> small = u * num / den;
-  V<C> e = vexp(-(a + a));
+  V<C> u2 = u * u, small;
+  if constexpr (sizeof(C) == 4) {
+    V<C> num = ((u2 + (C)378) * u2 + (C)17325) * u2 + (C)135135;
+    V<C> den = (((C)28 * u2 + (C)3150) * u2 + (C)62370) * u2 + (C)135135;
+    small = u * num / den;
+  } else {
+    V<C> P = (-9.64399179425052238628E-1 * u2 - 9.92877231001918586564E1) * u2 - 1.61468768441708447952E3;
+    V<C> Q = ((u2 + 1.12811678491632931402E2) * u2 + 2.23548839060100448583E3) * u2 + 4.84406305325125486048E3;
+    small = u * ((C)1 + u2 * P / Q);  // keeps the sign of -0
+  }
+  V<C> e = vexp_neg(-(a + a));
   V<C> big = ((C)1 - e) / ((C)1 + e);
   big = u < 0 ? -big : big;
   return a < (C)0.625 ? small : big;
 }
-
 
 }  // namespace LMXENT_ISA
 }  // namespace cpu

@@ -15,6 +15,7 @@ struct SoftmaxOp {
   typedef typename Compute<T>::type C;
   const SoftmaxArgs& a;
   Tr<C, false> tr;
+  bool stream;
 
   const T* x(int64_t r) const { return (const T*)a.x.data + r * a.x.stride; }
   bool keeps() const { return a.out.data && !Log; }
@@ -31,14 +32,14 @@ struct SoftmaxOp {
     T* out = (T*)a.out.data + r * a.out.stride;
     if (keep && keep_usable(lse)) {  // softmax = e_j * exp(m_c - lse)
       keep_factors(*keep, c0, c1, lse, 1.0);
-      row_emit(out, c0, c1, [&](int64_t j, int64_t) { return load(keep->e + j) * (C)keep->m[j >> kChunkShift]; });
+      row_emit(out, c0, c1, [&](int64_t j, int64_t) { return load(keep->e + j) * (C)keep->m[j >> kChunkShift]; }, stream);
       return;
     }
     const LseSplit<C> ls(lse);
     row_map(x(r), out, c0, c1, [&](V<C> xv, int64_t, int64_t) {
       V<C> z = ls.sub(tr(xv));
       return Log ? z : vexp_neg(z);
-    });
+    }, stream);
   }
   void after(int64_t, double) const {}
 };
@@ -48,9 +49,9 @@ void softmax(const SoftmaxArgs& a) {
     typedef typename std::remove_pointer<decltype(tag)>::type T;
     typedef typename Compute<T>::type C;
     if (a.log)
-      run_rows(a.x.rows, a.x.cols, SoftmaxOp<T, true>{a, Tr<C, false>(a.tr)});
+      run_rows(a.x.rows, a.x.cols, SoftmaxOp<T, true>{a, Tr<C, false>(a.tr), stream_output(a.out, a.x.data)});
     else
-      run_rows(a.x.rows, a.x.cols, SoftmaxOp<T, false>{a, Tr<C, false>(a.tr)});
+      run_rows(a.x.rows, a.x.cols, SoftmaxOp<T, false>{a, Tr<C, false>(a.tr), stream_output(a.out, a.x.data)});
   });
 }
 

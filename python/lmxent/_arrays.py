@@ -2,6 +2,8 @@
 dtype rules, the (..., V) -> 2-D row view, and argument validation. Everything
 a kernel assumes is checked here, before any kernel runs."""
 import math
+import operator
+
 import numpy as np
 
 from . import _cpu
@@ -31,17 +33,26 @@ def compute_dtype(dtype):
     return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 
 
+def _is_cupy(x):
+    # Duck-typed by module name: no CuPy import needed.
+    return type(x).__module__.split(".")[0] == "cupy"
+
+
 def kernels(x):
     """The kernel module for an array: lmxent._cpu for NumPy arrays."""
     if isinstance(x, np.ndarray):
         return _cpu
-    if type(x).__module__.split(".")[0] == "cupy":
+    if _is_cupy(x):
         raise TypeError("CuPy arrays need the CUDA backend (lmxent._cuda), which this "
                         "build does not include")
     raise TypeError(f"expected a NumPy array, got {type(x).__name__}")
 
 
-def as_float_array(x, name):
+def as_float_array(x, name, *, inplace=False):
+    """x as a native-byte-order float array; inplace=True (results written over x)
+    refuses what would have to be converted or cannot be written."""
+    if _is_cupy(x):
+        kernels(x)  # before np.asarray, which CuPy refuses with an error of its own
     if not isinstance(x, np.ndarray):
         x = np.asarray(x)
         if x.dtype.kind in "iub":
@@ -50,9 +61,24 @@ def as_float_array(x, name):
     if not is_float(x.dtype):
         raise TypeError(f"{name}: unsupported dtype {x.dtype} (expected float32, float64, "
                         "float16 or ml_dtypes.bfloat16)")
+    if inplace and not x.flags.writeable:
+        raise ValueError(f"{name}: inplace=True needs a writable array")
     if not x.dtype.isnative:
+        # A converted copy would receive the results and the caller's array would not.
+        if inplace:
+            raise ValueError(f"{name}: inplace=True needs native byte order, got dtype "
+                             f"{x.dtype.str}")
         x = x.astype(x.dtype.newbyteorder("="))
     return x
+
+
+def real_array(a, name):
+    """np.asarray(a), refusing dtypes that np.require would turn into a float
+    silently or wrongly (bool, complex, object: None becomes NaN, str)."""
+    a = np.asarray(a)
+    if a.dtype.kind not in "fiu" and a.dtype != bfloat16_dtype():
+        raise TypeError(f"{name}: unsupported dtype {a.dtype} (expected real numbers)")
+    return a
 
 
 def rows(x, name, *, need_view=False):
@@ -73,17 +99,33 @@ def rows(x, name, *, need_view=False):
     return x2, x.shape[:-1]
 
 
+def real(value, name):
+    """float(value), with an error naming the option (float(None) does not)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {value!r}") from None
+
+
+def integer(value, name):
+    """value as a Python int; floats are refused rather than truncated."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {value!r}") from None
+
+
 def positive(value, name, *, allow_none=False):
     if value is None and allow_none:
         return None
-    v = float(value)
+    v = real(value, name)
     if not (math.isfinite(v) and v > 0):
         raise ValueError(f"{name} must be a finite positive number, got {value!r}")
     return v
 
 
 def finite(value, name, lo=None, hi=None):
-    v = float(value)
+    v = real(value, name)
     if not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
         rng = f" in [{lo}, {hi}]" if hi is not None else (f" >= {lo}" if lo is not None else "")
         raise ValueError(f"{name} must be a finite number{rng}, got {value!r}")

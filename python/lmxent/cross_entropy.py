@@ -10,6 +10,7 @@ import numpy as np
 from . import _arrays as A
 
 _REDUCTIONS = ("none", "mean", "sum")
+_INT64 = np.iinfo(np.int64)
 
 
 class _Problem:
@@ -17,9 +18,7 @@ class _Problem:
 
     def __init__(self, logits, targets, weight, ignore_index, reduction, label_smoothing,
                  z_loss, softcap, logit_scale, normalizer, inplace=False):
-        x = A.as_float_array(logits, "logits")
-        if inplace and not x.flags.writeable:
-            raise ValueError("logits: inplace=True needs a writable array")
+        x = A.as_float_array(logits, "logits", inplace=inplace)
         self.x, (self.x2, self.lead) = x, A.rows(x, "logits", need_view=inplace)
         n, V = self.x2.shape
         self.ct = ct = A.compute_dtype(x.dtype)
@@ -30,18 +29,18 @@ class _Problem:
         self.z_loss = A.finite(z_loss, "z_loss", 0.0)
         self.softcap = A.positive(softcap, "softcap", allow_none=True)
         self.scale = A.positive(logit_scale, "logit_scale")
-        self.ignore_index = int(ignore_index)
+        self.ignore_index = A.integer(ignore_index, "ignore_index")
+        if not _INT64.min <= self.ignore_index <= _INT64.max:  # the kernel takes an int64
+            raise ValueError(f"ignore_index must fit in int64, got {self.ignore_index}")
         if normalizer is not None and reduction != "mean":
             raise ValueError("normalizer is only allowed with reduction='mean'")
         normalizer = A.positive(normalizer, "normalizer", allow_none=True)
 
         self.w = None
         if weight is not None:
-            w = np.asarray(weight)
+            w = A.real_array(weight, "weight")
             if w.shape != (V,):
                 raise ValueError(f"weight: expected shape ({V},), got {w.shape}")
-            if w.dtype.kind not in "fiu" and w.dtype != A.bfloat16_dtype():
-                raise TypeError(f"weight: unsupported dtype {w.dtype}")
             self.w = np.require(w, ct, "CA")
             if not np.isfinite(self.w).all():
                 raise ValueError("weight: contains a non-finite value")
@@ -52,15 +51,17 @@ class _Problem:
             if t.shape != self.lead:
                 raise ValueError(f"targets: class ids must have shape {self.lead} (the logits' "
                                  f"shape without the vocabulary axis), got {t.shape}")
-            tids = np.require(t.reshape(-1), np.int64, "CA")
-            valid = tids != self.ignore_index
-            bad = valid & ((tids < 0) | (tids >= V))
+            # Checked in the ids' own dtype: the cast to int64 would wrap uint64 ids
+            # >= 2**63 to negative values (even onto ignore_index).
+            flat = t.reshape(-1)
+            valid = flat != self.ignore_index
+            bad = valid & ((flat < 0) | (flat >= V))
             if bad.any():
                 i = int(np.argmax(bad))
                 pos = tuple(int(k) for k in np.unravel_index(i, self.lead)) if self.lead else ()
-                raise ValueError(f"targets: value {tids[i]} at position {pos} is out of range "
+                raise ValueError(f"targets: value {flat[i]} at position {pos} is out of range "
                                  f"[0, {V}) and is not ignore_index ({self.ignore_index})")
-            self.tids = tids
+            self.tids = tids = np.require(flat, np.int64, "CA")
             if normalizer is not None:
                 denom = normalizer
             elif self.w is None:
@@ -97,22 +98,20 @@ class _Problem:
 
     def grad_factor(self, grad_output):
         """(grad_scale, grad_rows) for the kernel from the caller's grad_output."""
-        if self.reduction == "none":
-            g = np.asarray(grad_output)
-            if g.ndim == 0:
-                return float(g), None
-            try:
-                g = np.broadcast_to(g, self.lead)
-            except ValueError:
-                raise ValueError(f"grad_output: shape {g.shape} does not broadcast to the "
-                                 f"per-token loss shape {self.lead}") from None
-            return 1.0, np.require(g.reshape(-1), self.ct, "CA")
-        if np.ndim(grad_output) != 0:
+        g = A.real_array(grad_output, "grad_output")
+        if g.ndim == 0:
+            g = float(g)
+            if self.reduction == "mean":
+                g = g / self.denom if self.denom != 0 else 0.0
+            return g, None
+        if self.reduction != "none":
             raise ValueError(f"grad_output must be a scalar for reduction={self.reduction!r}")
-        g = float(grad_output)
-        if self.reduction == "mean":
-            return (g / self.denom if self.denom != 0 else 0.0), None
-        return g, None
+        try:
+            g = np.broadcast_to(g, self.lead)
+        except ValueError:
+            raise ValueError(f"grad_output: shape {g.shape} does not broadcast to the "
+                             f"per-token loss shape {self.lead}") from None
+        return 1.0, np.require(g.reshape(-1), self.ct, "CA")
 
     def new_grad(self, inplace):
         if inplace:
@@ -157,7 +156,7 @@ def cross_entropy_backward(logits, targets, lse, grad_output, *, weight=None,
     cross_entropy(..., return_lse=True) with the same options."""
     p = _Problem(logits, targets, weight, ignore_index, reduction, label_smoothing, z_loss,
                  softcap, logit_scale, normalizer)
-    lse = np.asarray(lse)
+    lse = A.real_array(lse, "lse")
     if lse.shape != p.lead:
         raise ValueError(f"lse: expected shape {p.lead}, got {lse.shape}")
     lse = np.require(lse.reshape(-1), p.ct, "CA")

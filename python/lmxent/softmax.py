@@ -13,6 +13,7 @@ def _rows_along(x, axis, temperature):
     x = A.as_float_array(x, "x")
     if x.ndim == 0:
         raise ValueError("x: expected at least 1 dimension, got a scalar")
+    axis = A.integer(axis, "axis")  # one axis: None or a tuple is not supported
     if not -x.ndim <= axis < x.ndim:
         raise ValueError(f"axis {axis} is out of bounds for an array of {x.ndim} dimensions")
     axis %= x.ndim
@@ -34,23 +35,33 @@ def _softmax(x, axis, temperature, out, log):
     x, axis, x2, lead, scale = _rows_along(x, axis, temperature)
     if out is not None:
         A.check_out(out, x.shape, x.dtype)
-    last = axis == x.ndim - 1
-    # Write straight into `out` when its rows are a view; else into a buffer.
-    res = None
-    if out is not None and last:
-        try:
-            res, _ = A.rows(out, "out", need_view=True)
-        except ValueError:
-            res = None
-    if res is None:
+    res = _direct_out(out, x2) if out is not None and axis == x.ndim - 1 else None
+    direct = res is not None
+    if not direct:
         res = np.empty(x2.shape, x.dtype)
     A.kernels(x).softmax(x2, res, None, scale, log)
     y = np.moveaxis(res.reshape(lead + (x.shape[axis],)), -1, axis)
     if out is None:
         return y
-    if not np.shares_memory(y, out):
+    if not direct:
         out[...] = y
     return out
+
+
+def _direct_out(out, x2):
+    """Rows of `out` the kernel can write into directly, or None (use a buffer):
+    out's rows must be a view, and either not overlap the rows read (x2) or be
+    exactly them (row by row in place); a partial overlap would let the kernel
+    read rows it has already overwritten."""
+    try:
+        res, _ = A.rows(out, "out", need_view=True)
+    except ValueError:
+        return None
+    if np.may_share_memory(res, x2) and not (
+            res.__array_interface__["data"][0] == x2.__array_interface__["data"][0]
+            and res.strides == x2.strides):  # shapes and dtypes match already
+        return None
+    return res
 
 
 def log_softmax(x, axis=-1, *, temperature=1.0, out=None):
