@@ -55,16 +55,23 @@ def rng(request):
     return np.random.default_rng(seed)
 
 
+@contextlib.contextmanager
+def cpu_isa(name):
+    """Use one CPU instruction set inside the block; restore the original after."""
+    original = lmxent.cpu_info()["isa"]
+    lmxent.set_cpu_isa(name)
+    try:
+        assert lmxent.cpu_info()["isa"] == name
+        yield name
+    finally:
+        lmxent.set_cpu_isa(original)
+
+
 @pytest.fixture(params=ISAS)
 def isa(request):
     """Select each available CPU instruction set in turn; restore afterwards."""
-    original = lmxent.cpu_info()["isa"]
-    lmxent.set_cpu_isa(request.param)
-    assert lmxent.cpu_info()["isa"] == request.param
-    try:
+    with cpu_isa(request.param):
         yield request.param
-    finally:
-        lmxent.set_cpu_isa(original)
 
 
 @contextlib.contextmanager

@@ -24,7 +24,8 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.extra import numpy as hnp  # noqa: E402
 
-ISAS = list(lx.cpu_info()["available"])
+from conftest import ISAS, cpu_isa, num_threads  # noqa: E402
+
 FNS = ["logsumexp", "log_softmax", "softmax"]
 F32, F64, F16 = np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -38,27 +39,6 @@ def _dtype_id(dt):
 # ------------------------------------------------------------------- helpers
 
 @contextlib.contextmanager
-def cpu_isa(name):
-    original = lx.cpu_info()["isa"]
-    lx.set_cpu_isa(name)
-    try:
-        assert lx.cpu_info()["isa"] == name
-        yield name
-    finally:
-        lx.set_cpu_isa(original)
-
-
-@contextlib.contextmanager
-def omp_threads(n):
-    original = lx.cpu_info()["threads"]
-    lx.set_num_threads(n)
-    try:
-        yield
-    finally:
-        lx.set_num_threads(original)
-
-
-@contextlib.contextmanager
 def torch_threads(n):
     original = torch.get_num_threads()
     torch.set_num_threads(n)
@@ -66,18 +46,6 @@ def torch_threads(n):
         yield
     finally:
         torch.set_num_threads(original)
-
-
-@pytest.fixture(params=ISAS)
-def use_isa(request):
-    """Run once per available instruction set; restore the original afterwards."""
-    with cpu_isa(request.param):
-        yield request.param
-
-
-@pytest.fixture
-def rng(request):
-    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
 def out_dtype(fn, dtype):
@@ -178,7 +146,7 @@ SIZES = [(1, 1), (3, 1), (1, 2), (5, 2), (1, 7), (9, 7), (1, 31), (33, 31),
 
 @pytest.mark.parametrize("dtype", [F32, F64], ids=_dtype_id)
 @pytest.mark.parametrize("shape", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_sizes_match_reference_and_torch(use_isa, shape, dtype, rng):
+def test_sizes_match_reference_and_torch(isa, shape, dtype, rng):
     x = (3.0 * rng.standard_normal(shape)).astype(dtype)
     for fn in FNS:
         y = call(fn, x)
@@ -192,7 +160,7 @@ def test_sizes_match_reference_and_torch(use_isa, shape, dtype, rng):
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=_dtype_id)
 @pytest.mark.parametrize("shape", [(1, 7), (7, 33), (5, 2049), (3, 32000)],
                          ids=lambda s: f"{s[0]}x{s[1]}")
-def test_dtypes(use_isa, dtype, shape, rng):
+def test_dtypes(isa, dtype, shape, rng):
     """Outputs in the input dtype (lse float32, float64 for float64 input); compared with
     the reference on the same rounded inputs."""
     x = (4.0 * rng.standard_normal(shape)).astype(dtype)
@@ -215,7 +183,7 @@ def test_lowp_lse_accumulates_in_float32(dtype, rng):
 
 @pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=_dtype_id)
 @pytest.mark.parametrize("temperature", [0.25, 0.7, 2.0, 13.0])
-def test_temperature(use_isa, temperature, dtype, rng):
+def test_temperature(isa, temperature, dtype, rng):
     x = (3.0 * rng.standard_normal((11, 1001))).astype(dtype)
     for fn in FNS:
         y = call(fn, x, temperature=temperature)
@@ -238,7 +206,7 @@ def test_temperature(use_isa, temperature, dtype, rng):
 
 @pytest.mark.parametrize("dtype", [F32, F64, F16], ids=_dtype_id)
 @pytest.mark.parametrize("axis", [0, 1, 2, -1, -2, -3])
-def test_any_axis_3d(use_isa, axis, dtype, rng):
+def test_any_axis_3d(isa, axis, dtype, rng):
     x = (2.0 * rng.standard_normal((5, 6, 7))).astype(dtype)
     for keepdims in (False, True):
         lse = lx.logsumexp(x, axis=axis, keepdims=keepdims)
@@ -265,7 +233,7 @@ def test_axis_out_of_range_raises():
             call(fn, x, axis=-3)
 
 
-def test_1d_input(use_isa, rng):
+def test_1d_input(isa, rng):
     x = rng.standard_normal(37).astype(np.float32)
     lse = lx.logsumexp(x)
     assert lse.shape == () and lse.dtype == F32
@@ -279,7 +247,7 @@ def test_1d_input(use_isa, rng):
 
 @pytest.mark.parametrize("fn", ["log_softmax", "softmax"])
 @pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=_dtype_id)
-def test_out_contiguous(use_isa, fn, dtype, rng):
+def test_out_contiguous(isa, fn, dtype, rng):
     x = (2.0 * rng.standard_normal((6, 4, 333))).astype(dtype)
     out = np.full(x.shape, 123.0, dtype)
     res = call(fn, x, out=out)
@@ -291,7 +259,7 @@ def test_out_contiguous(use_isa, fn, dtype, rng):
 @pytest.mark.parametrize("fn", ["log_softmax", "softmax"])
 @pytest.mark.parametrize("axis", [-1, 0, 1])
 @pytest.mark.parametrize("dtype", [F32, F64, F16], ids=_dtype_id)
-def test_out_is_x_in_place(use_isa, fn, axis, dtype, rng):
+def test_out_is_x_in_place(isa, fn, axis, dtype, rng):
     x0 = (2.0 * rng.standard_normal((5, 3, 2500))).astype(dtype)
     expected = call(fn, x0, axis=axis)
     x = x0.copy()
@@ -302,20 +270,20 @@ def test_out_is_x_in_place(use_isa, fn, axis, dtype, rng):
 
 
 @pytest.mark.parametrize("fn", ["log_softmax", "softmax"])
-def test_out_in_place_huge_row_split_across_threads(use_isa, fn, rng):
+def test_out_in_place_huge_row_split_across_threads(isa, fn, rng):
     """out=x with one row split across threads: pass 2 must not start before every
     thread finished pass 1 (else it would read already-overwritten logits)."""
     x0 = (2.0 * rng.standard_normal((1, 1 << 20))).astype(np.float32)
     expected = ref(fn, x0)
     x = x0.copy()
-    with omp_threads(4):
+    with num_threads(4):
         assert call(fn, x, out=x) is x
     np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-5 if fn == "log_softmax" else 1e-9)
 
 
 @pytest.mark.parametrize("fn", ["log_softmax", "softmax"])
 @pytest.mark.parametrize("axis", [-1, 0])
-def test_out_strided_last_axis(use_isa, fn, axis, rng):
+def test_out_strided_last_axis(isa, fn, axis, rng):
     """out whose last axis is not contiguous: the result still lands there, and the
     memory between its elements is untouched."""
     x = rng.standard_normal((4, 5, 301)).astype(np.float32)
@@ -328,7 +296,7 @@ def test_out_strided_last_axis(use_isa, fn, axis, rng):
 
 
 @pytest.mark.parametrize("fn", ["log_softmax", "softmax"])
-def test_out_row_strided_slice(use_isa, fn, rng):
+def test_out_row_strided_slice(isa, fn, rng):
     """out is a column slice of a wider array (rows strided): written in place, nothing
     outside the slice changes."""
     x = rng.standard_normal((9, 1000)).astype(np.float32)
@@ -366,7 +334,7 @@ def _peak_bytes(f):
 
 
 @pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=_dtype_id)
-def test_strided_rows_are_not_copied(use_isa, dtype, rng):
+def test_strided_rows_are_not_copied(isa, dtype, rng):
     """x is a column slice of a wider array: its rows are read in place (NumPy reports
     its allocations to tracemalloc, so a copy of x would show up in the peak)."""
     wide = (2.0 * rng.standard_normal((32, 33000))).astype(dtype)
@@ -389,7 +357,7 @@ def test_strided_rows_are_not_copied(use_isa, dtype, rng):
     np.testing.assert_array_equal(wide[:, 100:32100], x)  # input untouched
 
 
-def test_strided_rows_3d_view(use_isa, rng):
+def test_strided_rows_3d_view(isa, rng):
     """(B, T, V) view with padded rows (both leading axes strided, collapsible)."""
     base = rng.standard_normal((3, 4, 520)).astype(np.float32)
     x = base[:, :, :500]
@@ -402,13 +370,13 @@ def test_strided_rows_3d_view(use_isa, rng):
 @pytest.mark.parametrize("threads", [None, 4])
 @pytest.mark.parametrize("shape", [(2, 262144), (1, 1 << 20), (3, 1 << 17)],
                          ids=lambda s: f"{s[0]}x{s[1]}")
-def test_few_rows_huge_vocab(use_isa, shape, threads, rng):
+def test_few_rows_huge_vocab(isa, shape, threads, rng):
     """Few long rows: each row is split across threads and the partial LSE states are
     merged. With 4 threads even 2 and 3 rows are split."""
     x = (3.0 * rng.standard_normal(shape)).astype(np.float32)
     x[:, -1] = 25.0  # the last chunk matters
     x[0, shape[1] // 2 + 3] = 26.0  # so does the middle (thread boundary area)
-    ctx = omp_threads(threads) if threads else contextlib.nullcontext()
+    ctx = num_threads(threads) if threads else contextlib.nullcontext()
     with ctx:
         ys = {fn: call(fn, x) for fn in FNS}
     for fn in FNS:
@@ -418,10 +386,10 @@ def test_few_rows_huge_vocab(use_isa, shape, threads, rng):
 @pytest.mark.parametrize("threads,shape", [(2, (1, 65537)), (2, (1, 1048577)),
                                            (4, (3, 131075))],
                          ids=["2thr-1x65537", "2thr-1x1048577", "4thr-3x131075"])
-def test_row_split_keeps_tail_columns(use_isa, threads, shape, rng):
+def test_row_split_keeps_tail_columns(isa, threads, shape, rng):
     x = rng.standard_normal(shape).astype(np.float32)
     x[:, -1] = 30.0  # dominates the row: lse ~ 30, softmax[-1] ~ 1
-    with omp_threads(threads):
+    with num_threads(threads):
         lse = lx.logsumexp(x)
         sm = lx.softmax(x)
     np.testing.assert_allclose(lse, R.logsumexp(x), rtol=1e-6)
@@ -462,7 +430,7 @@ def _extreme(rows, V, dtype, rng):
 
 @pytest.mark.parametrize("V", [5, 3000, 70000])
 @pytest.mark.parametrize("dtype", [F32, F64, F16, BF16], ids=_dtype_id)
-def test_extreme_inputs(use_isa, dtype, V, rng):
+def test_extreme_inputs(isa, dtype, V, rng):
     """±1e4, -inf, an all -inf row, NaN against the reference (same rounded inputs),
     element by element; also against torch for float32/float64."""
     x = _extreme(EXTREME_ROWS, V, dtype, rng)
@@ -489,7 +457,7 @@ PLUS_INF_ROWS = [
                                 "softmax"])
 @pytest.mark.parametrize("V", [5, 3000])
 @pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=_dtype_id)
-def test_plus_inf_rows(use_isa, dtype, V, fn, rng):
+def test_plus_inf_rows(isa, dtype, V, fn, rng):
     """+inf: lse = +inf (as torch); log_softmax = NaN at the +inf entries, -inf
     elsewhere; softmax = NaN at the +inf entries, 0 elsewhere (the reference)."""
     x = _extreme(PLUS_INF_ROWS, V, dtype, rng)
@@ -502,7 +470,7 @@ def test_plus_inf_rows(use_isa, dtype, V, fn, rng):
 
 
 @pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=_dtype_id)
-def test_nan_propagates_to_its_row_only(use_isa, dtype, rng):
+def test_nan_propagates_to_its_row_only(isa, dtype, rng):
     x = rng.standard_normal((7, 4099)).astype(dtype)
     clean = {fn: call(fn, x) for fn in FNS}
     x[3, 2222] = np.nan
@@ -514,19 +482,19 @@ def test_nan_propagates_to_its_row_only(use_isa, dtype, rng):
                                       np.asarray(clean[fn][others], np.float64))
 
 
-def test_nan_in_one_thread_part_of_a_split_row(use_isa, rng):
+def test_nan_in_one_thread_part_of_a_split_row(isa, rng):
     x = rng.standard_normal((1, 1 << 20)).astype(np.float32)
     x[0, 1000] = np.nan
-    with omp_threads(4):
+    with num_threads(4):
         for fn in FNS:
             assert np.isnan(call(fn, x)).all(), fn
     x[0, 1000] = -np.inf
     x[0, 1 << 19] = np.inf
-    with omp_threads(4):
+    with num_threads(4):
         assert lx.logsumexp(x)[0] == np.inf
 
 
-def test_all_masked_row_matches_torch(use_isa):
+def test_all_masked_row_matches_torch(isa):
     x = np.full((2, 9000), -np.inf, np.float32)
     x[1, 5] = 0.0
     lse = lx.logsumexp(x)
@@ -542,7 +510,7 @@ def test_all_masked_row_matches_torch(use_isa):
 
 @pytest.mark.parametrize("shape", [(0, 1), (0, 5), (0, 32000), (2, 0, 7)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_empty_batch_logsumexp(use_isa, shape):
+def test_empty_batch_logsumexp(isa, shape):
     for dtype in (F32, F64, BF16):
         lse = lx.logsumexp(np.zeros(shape, dtype))
         assert lse.shape == shape[:-1] and lse.dtype == out_dtype("logsumexp", dtype)
@@ -550,7 +518,7 @@ def test_empty_batch_logsumexp(use_isa, shape):
 
 
 @pytest.mark.parametrize("fn", ["log_softmax", "softmax"])
-def test_empty_batch_single_class(use_isa, fn):
+def test_empty_batch_single_class(isa, fn):
     y = call(fn, np.zeros((0, 1), np.float32))
     assert y.shape == (0, 1) and y.dtype == F32
 
@@ -558,7 +526,7 @@ def test_empty_batch_single_class(use_isa, fn):
 @pytest.mark.parametrize("fn", ["log_softmax", "softmax"])
 @pytest.mark.parametrize("shape", [(0, 5), (0, 32000), (2, 0, 7)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_empty_batch_softmax(use_isa, fn, shape):
+def test_empty_batch_softmax(isa, fn, shape):
     y = call(fn, np.zeros(shape, np.float32))
     assert y.shape == shape and y.dtype == F32
 
@@ -579,7 +547,7 @@ ACC_PARAMS = [pytest.param(c, f, id=f"{c}-{f}") for c in ACC_CASES for f in FNS]
 
 
 @pytest.mark.parametrize("case,fn", ACC_PARAMS)
-def test_float32_accuracy_vs_torch(use_isa, case, fn, record_property):
+def test_float32_accuracy_vs_torch(isa, case, fn, record_property):
     """max |lmxent - ref64| <= 1.5 * max |torch_f32 - ref64| + half an ulp of the
     largest output, on the same float32 inputs."""
     shape, offset, scale = ACC_CASES[case]
@@ -593,7 +561,7 @@ def test_float32_accuracy_vs_torch(use_isa, case, fn, record_property):
     floor = 2.0**-24 * max(1.0, float(np.max(np.abs(expected))))
     record_property("err_lmxent", err)
     record_property("err_torch", err_torch)
-    print(f"{case} {fn} [{use_isa}]: lmxent {err:.3e}  torch {err_torch:.3e}")
+    print(f"{case} {fn} [{isa}]: lmxent {err:.3e}  torch {err_torch:.3e}")
     assert err <= 1.5 * err_torch + floor, (err, err_torch, floor)
 
 
