@@ -84,6 +84,16 @@ def num_threads(n):
         lmxent.set_num_threads(original)
 
 
+def numeric_grad(f, x, h=1e-6):
+    """Central finite differences of the scalar function f at float64 x."""
+    num = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        e = np.zeros_like(x)
+        e[i] = h
+        num[i] = (f(x + e) - f(x - e)) / (2 * h)
+    return num
+
+
 def lowp(x, dtype):
     """(x rounded to dtype, the rounded values as float64)."""
     xl = np.asarray(x, dtype=np.float64).astype(dtype)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import lmxent as lx
 from lmxent import reference as ref
 
-from conftest import (BF16, DTYPE_IDS, DTYPES, F16, F32, F64, LOWP_DTYPES, LOWP_IDS,
+from conftest import (numeric_grad, BF16, DTYPE_IDS, DTYPES, F16, F32, F64, LOWP_DTYPES, LOWP_IDS,
                       assert_grad_close, assert_loss_close, dtype_id, grad_scale, loss_dtype,
                       lowp,
                       num_threads, torch, torch_ce_with_grad)
@@ -824,13 +824,7 @@ def test_property_finite_differences_float64(N, V, seed, eps, z_loss, softcap, l
         return float(np.sum(go * lx.cross_entropy(xx, t, **opts)))
 
     _, g = lx.cross_entropy_with_grad(x, t, grad_output=go, **opts)
-    h = 1e-6
-    num = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        e = np.zeros_like(x)
-        e[i] = h
-        num[i] = (f(x + e) - f(x - e)) / (2 * h)
-    np.testing.assert_allclose(g, num, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(g, numeric_grad(f, x), rtol=1e-5, atol=1e-7)
 
 
 @settings(max_examples=60, deadline=None, derandomize=True,
