@@ -45,6 +45,17 @@ def best_time(fn, repeats, min_time=0.5):
     return float(np.min(times))
 
 
+def machine_info():
+    """What the numbers were measured on (printed, and stored in the JSON)."""
+    info = dict(machine=platform.machine(), processor=platform.processor(),
+                cpu_count=os.cpu_count(), lmxent=lx.__version__, lmxent_cpu=lx.cpu_info(),
+                numpy=np.__version__, torch=torch.__version__ if torch is not None else None,
+                python=sys.version.split()[0])
+    print(f"lmxent {lx.__version__} ({lx.cpu_info()['isa']}, {lx.cpu_info()['threads']} "
+          f"threads), numpy {np.__version__}, torch {info['torch']}")
+    return info
+
+
 # ---- peers ------------------------------------------------------------------
 
 def np_lse(x):
@@ -232,12 +243,7 @@ def main(argv=None):
     threads = lx.cpu_info()["threads"]
     if torch is not None:
         torch.set_num_threads(threads)
-    info = dict(machine=platform.machine(), processor=platform.processor(),
-                cpu_count=os.cpu_count(), lmxent=lx.__version__, lmxent_cpu=lx.cpu_info(),
-                numpy=np.__version__, torch=torch.__version__ if torch is not None else None,
-                python=sys.version.split()[0])
-    print(f"lmxent {lx.__version__} ({lx.cpu_info()['isa']}, {threads} threads), numpy "
-          f"{np.__version__}, torch {info['torch']}")
+    info = machine_info()
     results = []
     for shape in args.shapes.split(","):
         N, V = (int(v) for v in shape.lower().split("x"))

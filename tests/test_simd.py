@@ -1,7 +1,9 @@
-"""Accuracy of the vectorised exp and tanh of cpp/cpu/simd.h (vexp_neg, vtanh) on
+"""Accuracy of the vectorised exp, tanh and log1p of cpp/cpu/simd.h (vexp_neg, vtanh,
+vlog1p_unit) on
 every CPU instruction set, through the test hook ``lmxent._cpu.math(in, out, fn)``
 (``in``/``out``: (1, n) float32 or float64 arrays, fn 0 = exp of x <= 0, the only
-arguments the kernels give it, 1 = tanh).
+arguments the kernels give it, 1 = tanh, 2 = log1p of 0 <= x <= 1, the softplus tail
+of the Jensen-Shannon kernel).
 
 The maximum error over a sweep of each input region is measured in ulps of the
 result's dtype against NumPy: float64 for float32 results, long double for
@@ -28,11 +30,12 @@ import pytest
 from lmxent import _cpu
 
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
-FNS = {"exp": 0, "tanh": 1}
+FNS = {"exp": 0, "tanh": 1, "log1p": 2}
 LN2 = math.log(2.0)
 WIDE = np.longdouble if np.finfo(np.longdouble).nmant > 52 else np.float64
 SWEEP = {F32: 400_000, F64: 150_000}  # points per half of a sweep
-BOUND_ULPS = {("exp", F32): 2.0, ("exp", F64): 4.0, ("tanh", F32): 4.0, ("tanh", F64): 4.0}
+BOUND_ULPS = {("exp", F32): 2.0, ("exp", F64): 4.0, ("tanh", F32): 4.0, ("tanh", F64): 4.0,
+              ("log1p", F32): 3.0, ("log1p", F64): 3.0}
 UINT = {F32: np.uint32, F64: np.uint64}
 
 
@@ -45,7 +48,7 @@ def vmath(x, fn):
 
 
 def reference(x, fn):
-    """exp or tanh of x in float64 (float32 x) or long double (float64 x)."""
+    """exp, tanh or log1p of x in float64 (float32 x) or long double (float64 x)."""
     return getattr(np, fn)(x.astype(np.float64 if x.dtype == F32 else WIDE))
 
 
@@ -99,13 +102,15 @@ def tanh_region(region, dtype):
 
 CASES = [("exp", F32, "bulk"), ("exp", F32, "bottom"), ("exp", F64, "bulk"),
          ("exp", F64, "bottom"), ("tanh", F32, "small"), ("tanh", F32, "large"),
-         ("tanh", F64, "small"), ("tanh", F64, "large")]
+         ("tanh", F64, "small"), ("tanh", F64, "large"), ("log1p", F32, "unit"),
+         ("log1p", F64, "unit")]
 
 
 @pytest.mark.parametrize("fn,dtype,region", CASES,
                          ids=lambda v: v.name if isinstance(v, np.dtype) else str(v))
 def test_max_error(isa, fn, dtype, region, record_property):
-    lo, hi = (exp_region if fn == "exp" else tanh_region)(region, dtype)
+    lo, hi = {"exp": exp_region, "tanh": tanh_region,
+              "log1p": lambda region, dtype: (0.0, 1.0)}[fn](region, dtype)
     x = sweep(lo, hi, dtype)
     if fn == "tanh":
         x = np.concatenate([x, -x])
@@ -151,6 +156,17 @@ def test_tanh_specials(isa, dtype):
     y = vmath(x, "tanh")
     np.testing.assert_array_equal(y, want)
     np.testing.assert_array_equal(np.signbit(y[3:5]), [False, True])
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+def test_log1p_specials(isa, dtype):
+    """0 gives exactly 0 and tiny arguments keep their relative accuracy (the
+    softplus tail meets exp(-|d|) down to the smallest normal)."""
+    fi = np.finfo(dtype)
+    x = np.array([0.0, fi.smallest_normal, 1e-30, fi.eps, 1.0], dtype)
+    y = vmath(x, "log1p")
+    assert y[0] == 0
+    assert ulp_error(y[1:], x[1:], "log1p").max() <= BOUND_ULPS["log1p", dtype]
 
 
 @pytest.mark.parametrize("dtype", [F32, F64], ids=str)

@@ -98,6 +98,15 @@ void softmax(const py::array& x, const py::object& out, const py::object& lse, d
   lmxent::cpu::active().softmax(a);
 }
 
+// Class ids: contiguous int64 of length n (values validated in Python).
+const int64_t* ids(const py::object& o, int64_t n, const std::string& name) {
+  py::array t = py::reinterpret_borrow<py::array>(o);
+  if (!py::isinstance<py::array_t<int64_t>>(t) || t.ndim() != 1 || t.shape(0) != n ||
+      !(t.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
+    fail(name, "expected contiguous int64 of shape (" + std::to_string(n) + ",)");
+  return (const int64_t*)t.data();
+}
+
 void cross_entropy(const py::array& logits, const py::object& targets, const py::object& probs,
                    const py::object& class_weight, int64_t ignore_index, double scale,
                    double softcap, double smoothing, double z_loss, const py::object& loss,
@@ -109,11 +118,7 @@ void cross_entropy(const py::array& logits, const py::object& targets, const py:
   const int64_t n = a.logits.rows, V = a.logits.cols;
   if (targets.is_none() == probs.is_none()) fail("targets", "give exactly one of class ids or probabilities");
   if (!targets.is_none()) {
-    py::array t = py::reinterpret_borrow<py::array>(targets);
-    if (!py::isinstance<py::array_t<int64_t>>(t) || t.ndim() != 1 || t.shape(0) != n ||
-        !(t.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
-      fail("targets", "expected contiguous int64 of shape (" + std::to_string(n) + ",)");
-    a.targets = (const int64_t*)t.data();
+    a.targets = ids(targets, n, "targets");
   } else {
     a.probs = view(py::reinterpret_borrow<py::array>(probs), "targets", false);
     if (a.probs.dtype != c || a.probs.rows != n || a.probs.cols != V)
@@ -140,12 +145,66 @@ void cross_entropy(const py::array& logits, const py::object& targets, const py:
   lmxent::cpu::active().cross_entropy(a);
 }
 
+void token_stats(const py::array& logits, const py::object& targets, int64_t ignore_index, double scale,
+                 const py::object& logprob, const py::object& lse, const py::object& entropy,
+                 const py::object& top_prob, const py::object& rank) {
+  lmxent::TokenStatsArgs a;
+  a.logits = view(logits, "logits", false);
+  const DType c = compute_of(a.logits.dtype);
+  const int64_t n = a.logits.rows;
+  a.targets = ids(targets, n, "targets");
+  a.ignore_index = ignore_index;
+  a.tr.scale = scale;
+  a.logprob = vec(logprob, c, n, "logprob", true);
+  a.lse = vec(lse, c, n, "lse", true);
+  a.entropy = vec(entropy, c, n, "entropy", true);
+  a.top_prob = vec(top_prob, c, n, "top_prob", true);
+  if (!rank.is_none()) {
+    if (!py::reinterpret_borrow<py::array>(rank).writeable()) fail("rank", "array is read-only");
+    a.rank = const_cast<int64_t*>(ids(rank, n, "rank"));
+  }
+  py::gil_scoped_release nogil;
+  lmxent::cpu::active().token_stats(a);
+}
+
+void kl_divergence(const py::array& student, const py::array& teacher, const py::object& row_mask,
+                   double scale, int direction, const py::object& loss, const py::object& grad,
+                   double grad_scale, const py::object& grad_rows) {
+  lmxent::KLArgs a;
+  a.student = view(student, "student_logits", false);
+  a.teacher = view(teacher, "teacher_logits", false);
+  const DType c = compute_of(a.student.dtype);
+  const int64_t n = a.student.rows;
+  if (a.teacher.dtype != a.student.dtype || a.teacher.rows != n || a.teacher.cols != a.student.cols)
+    fail("teacher_logits", "must have the student's shape and dtype");
+  if (!row_mask.is_none()) {
+    py::array m = py::reinterpret_borrow<py::array>(row_mask);
+    if (!py::isinstance<py::array_t<uint8_t>>(m) || m.ndim() != 1 || m.shape(0) != n ||
+        !(m.flags() & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_))
+      fail("mask", "expected contiguous uint8 of shape (" + std::to_string(n) + ",)");
+    a.row_mask = (const uint8_t*)m.data();
+  }
+  if (direction < 0 || direction > 2) fail("direction", "must be 0 (forward), 1 (reverse) or 2 (js)");
+  a.dir = (lmxent::KLDirection)direction;
+  a.tr.scale = scale;
+  a.loss = vec(loss, c, n, "loss", true);
+  if (!grad.is_none()) {
+    a.grad = view(py::reinterpret_borrow<py::array>(grad), "grad", true);
+    if (a.grad.dtype != a.student.dtype || a.grad.rows != n || a.grad.cols != a.student.cols)
+      fail("grad", "must have the shape and dtype of the student logits");
+  }
+  a.grad_scale = grad_scale;
+  a.grad_rows = vec(grad_rows, c, n, "grad_output", false);
+  py::gil_scoped_release nogil;
+  lmxent::cpu::active().kl_divergence(a);
+}
+
 void math(const py::array& in, const py::array& out, int fn) {
   View2D i = view(in, "in", false), o = view(out, "out", true);
   if (i.dtype != o.dtype || i.rows != 1 || o.rows != 1 || i.cols != o.cols || i.dtype == DType::F16 ||
       i.dtype == DType::BF16)
     fail("math", "expects two (1, n) float32 or float64 arrays");
-  if (fn != 0 && fn != 1) fail("math", "fn must be 0 (exp of x <= 0) or 1 (tanh)");
+  if (fn < 0 || fn > 2) fail("math", "fn must be 0 (exp of x <= 0), 1 (tanh) or 2 (log1p of 0 <= x <= 1)");
   py::gil_scoped_release nogil;
   lmxent::cpu::active().math(i.data, o.data, i.cols, i.dtype, fn);
 }
@@ -159,6 +218,12 @@ PYBIND11_MODULE(_cpu, m) {
         py::arg("class_weight"), py::arg("ignore_index"), py::arg("scale"), py::arg("softcap"),
         py::arg("smoothing"), py::arg("z_loss"), py::arg("loss"), py::arg("lse"), py::arg("lse_given"),
         py::arg("grad"), py::arg("grad_scale"), py::arg("grad_rows"));
+  m.def("token_stats", &token_stats, py::arg("logits"), py::arg("targets"), py::arg("ignore_index"),
+        py::arg("scale"), py::arg("logprob"), py::arg("lse"), py::arg("entropy"), py::arg("top_prob"),
+        py::arg("rank"));
+  m.def("kl_divergence", &kl_divergence, py::arg("student"), py::arg("teacher"), py::arg("row_mask"),
+        py::arg("scale"), py::arg("direction"), py::arg("loss"), py::arg("grad"), py::arg("grad_scale"),
+        py::arg("grad_rows"));
   m.def("math", &math);
   m.def("isa", [] { return std::string(lmxent::cpu::active().isa); });
   m.def("set_isa", [](const std::string& name) {

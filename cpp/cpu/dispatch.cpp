@@ -12,7 +12,7 @@ namespace cpu {
 namespace {
 
 #define LMXENT_TABLE(ns, name) \
-  Kernels { name, ns::softmax, ns::cross_entropy, ns::math }
+  Kernels { name, ns::softmax, ns::cross_entropy, ns::token_stats, ns::kl_divergence, ns::math }
 
 struct Entry {
   Kernels k;

@@ -11,8 +11,10 @@ struct Kernels {
   const char* isa;
   void (*softmax)(const SoftmaxArgs&);
   void (*cross_entropy)(const CEArgs&);
-  // Test hooks for the vector math: out[i] = f(in[i]), f = exp (fn 0) or
-  // tanh (fn 1), in the compute type of dtype (F32 or F64).
+  void (*token_stats)(const TokenStatsArgs&);
+  void (*kl_divergence)(const KLArgs&);
+  // Test hooks for the vector math: out[i] = f(in[i]), f = exp (fn 0), tanh
+  // (fn 1) or log1p on [0, 1] (fn 2), in the compute type of dtype (F32 or F64).
   void (*math)(const void* in, void* out, int64_t n, DType dtype, int fn);
 };
 
@@ -20,6 +22,8 @@ struct Kernels {
   namespace ns {                                                          \
   void softmax(const SoftmaxArgs&);                                       \
   void cross_entropy(const CEArgs&);                                      \
+  void token_stats(const TokenStatsArgs&);                                \
+  void kl_divergence(const KLArgs&);                                      \
   void math(const void* in, void* out, int64_t n, DType dtype, int fn);  \
   }
 LMXENT_DECLARE_ISA(isa_base)

@@ -1,5 +1,5 @@
 // Array versions of the kernels' vector exp (vexp_neg: defined for x <= 0,
-// as the kernels use it) and tanh, so tests can measure their error against
+// as the kernels use it), tanh and log1p on [0, 1] (vlog1p_unit), so tests can measure their error against
 // the C library on every instruction-set build.
 #include "simd.h"
 #include "rows.h"
@@ -10,7 +10,7 @@ inline namespace LMXENT_ISA {
 
 template <class C>
 static void map_math(const C* in, C* out, int64_t n, int fn) {
-  row_map(in, out, 0, n, [fn](V<C> x, int64_t, int64_t) { return fn == 0 ? vexp_neg(x) : vtanh<C>(x); });
+  row_map(in, out, 0, n, [fn](V<C> x, int64_t, int64_t) { return fn == 0 ? vexp_neg(x) : fn == 1 ? vtanh<C>(x) : vlog1p_unit<C>(x); });
 }
 
 void math(const void* in, void* out, int64_t n, DType dtype, int fn) {

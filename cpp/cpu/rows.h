@@ -119,17 +119,21 @@ struct ProbSpread {
   C at(int64_t j) const { return (a * q[j] + k) * (HasW ? w[j] : (C)1); }
 };
 
-// Pass-1 result over a column range: LSE state and the spread sums
-// sum_j t_j and sum_j t_j z_j. Kept in double across chunks.
+// Pass-1 result over a column range: LSE state, the spread sums sum_j t_j
+// and sum_j t_j z_j, and for token statistics the entropy sum h (see
+// ent_merge) and the count of entries ranked above the target. Kept in
+// double across chunks.
 struct Partial {
   LseState<double> st;
-  double t_sum, tz_sum;
+  double t_sum, tz_sum, h;
+  int64_t above;
 };
-inline Partial partial_empty() { return {{-(double)INFINITY, 0.0}, 0.0, 0.0}; }
+inline Partial partial_empty() { return {{-(double)INFINITY, 0.0}, 0.0, 0.0, 0.0, 0}; }
 inline double dexp(double x) { return ::exp(x); }
 inline double dlog(double x) { return ::log(x); }
 inline Partial merge(const Partial& a, const Partial& b) {
-  return {lse_merge(a.st, b.st, dexp), a.t_sum + b.t_sum, a.tz_sum + b.tz_sum};
+  return {lse_merge(a.st, b.st, dexp), a.t_sum + b.t_sum, a.tz_sum + b.tz_sum,
+          ent_merge(a.st, a.h, b.st, b.h, dexp), a.above + b.above};
 }
 
 // Pass 1 may keep e_j = exp(z_j - M_c) for the whole row (plus a chunk of
@@ -154,9 +158,25 @@ inline double chunk_shift(C mu, C kz) {
   return (double)kz * (double)mu;
 }
 
-template <class T, class TR, class S>
+// What token_stats gathers in pass 1 beside the LSE: the entropy sum, and
+// with t >= 0 the count of entries ranked above the target (value ut at t).
+template <class C>
+struct RankOf {
+  C ut;
+  int64_t t;
+};
+
+// e * d with e = 0 contributing 0 even where d is -inf (e underflowed or the
+// entry is -inf): the entropy and KL sums weight d by a probability.
+template <class C, bool Guard>
+inline V<C> weighted(V<C> e, V<C> d) {
+  return Guard ? vselect<C>(e > (C)0, e * d, V<C>{}) : e * d;
+}
+
+template <class T, class TR, class S, bool Stats = false>
 Partial row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr, const S& sp,
-                    const Keep<typename Compute<T>::type>* keep) {
+                    const Keep<typename Compute<T>::type>* keep,
+                    const RankOf<typename Compute<T>::type>* rank = nullptr) {
   typedef typename Compute<T>::type C;
   constexpr int W = Vec<C>::W;
   // Buffer u when it costs more to recompute than to store (a softcap, or a
@@ -201,7 +221,23 @@ Partial row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr, const S& s
       if (nan) mu = (C)NAN;
     }
     const C mx = mu == -(C)INFINITY ? (C)0 : mu;
-    V<C> s0 = {}, s1 = {}, ts = {}, tz = {};
+    V<C> s0 = {}, s1 = {}, ts = {}, tz = {}, h0 = {}, h1 = {};
+    // Rank: u_j > ut, or u_j == ut before the target; the target's index within
+    // the chunk is clamped to [-1, n + 1] so that it is exact in C.
+    const bool ranks = Stats && rank && rank->t >= 0;
+    const int64_t tb = ranks ? rank->t - b : 0;
+    const C tl = (C)(tb < 0 ? -1 : tb > n ? n + 1 : tb), ut = ranks ? rank->ut : (C)0;
+    VI<C> cnt = {};
+    // Only the chunk holding the target needs the index test.
+    const bool before = tl >= (C)n, after = tl <= (C)0;
+    auto count = [&](V<C> u, int64_t j) {
+      if (after)
+        cnt -= u > ut;
+      else if (before)
+        cnt -= u >= ut;
+      else
+        cnt -= (u > ut) | ((u == ut) & (lanes + (C)j < tl));
+    };
     C* e = keep ? keep->e + b : nullptr;
     // The exps of the whole vectors; their range checks are skipped when the
     // chunk's smallest value cannot underflow (no -inf, no NaN).
@@ -209,17 +245,31 @@ Partial row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr, const S& s
       constexpr bool kClamp = decltype(clamp)::value;
       int64_t i = 0;
       for (; i + 2 * W <= nv; i += 2 * W) {
-        V<C> e0 = vexp2_neg<C, kClamp>((u_at(i) - mx) * k), e1 = vexp2_neg<C, kClamp>((u_at(i + W) - mx) * k);
+        const V<C> u0 = u_at(i), u1 = u_at(i + W), d0 = u0 - mx, d1 = u1 - mx;
+        V<C> e0 = vexp2_neg<C, kClamp>(d0 * k), e1 = vexp2_neg<C, kClamp>(d1 * k);
         s0 += e0;
         s1 += e1;
+        if (Stats) {
+          h0 += weighted<C, kClamp>(e0, d0);
+          h1 += weighted<C, kClamp>(e1, d1);
+          if (ranks) {
+            count(u0, i);
+            count(u1, i + W);
+          }
+        }
         if (e) {
           store(e + i, e0);
           store(e + i + W, e1);
         }
       }
       for (; i < nv; i += W) {
-        V<C> e0 = vexp2_neg<C, kClamp>((u_at(i) - mx) * k);
+        const V<C> u0 = u_at(i), d0 = u0 - mx;
+        V<C> e0 = vexp2_neg<C, kClamp>(d0 * k);
         s0 += e0;
+        if (Stats) {
+          h0 += weighted<C, kClamp>(e0, d0);
+          if (ranks) count(u0, i);
+        }
         if (e) store(e + i, e0);
       }
     };
@@ -231,8 +281,12 @@ Partial row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr, const S& s
     if (nv < n) {
       V<C> e0 = vexp2_neg<C>((u_tail - mx) * k);
       s0 += e0;
+      if (Stats) h0 += weighted<C, true>(e0, u_tail - mx);
+      if (ranks) cnt -= ((u_tail > ut) | ((u_tail == ut) & (lanes + (C)nv < tl))) & (lanes < (C)(n - nv));
       if (e) store(e + nv, e0);
     }
+    int64_t above = 0;
+    for (int i = 0; Stats && i < W; ++i) above += cnt[i];
     const double shift = chunk_shift(mu, tr.kz);
     if (keep) keep->m[b >> kChunkShift] = shift;
     if (S::active) {  // sums of t_j and t_j u_j (z = kz u)
@@ -250,8 +304,8 @@ Partial row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr, const S& s
     }
     // With +inf in the chunk the sum (NaN from inf - inf) does not matter.
     const double sum = mu != mu ? (double)NAN : mu == (C)INFINITY ? 1.0 : (double)hsum<C>(s0 + s1);
-    Partial chunk = {{shift, sum},
-                     (double)hsum<C>(ts), (double)tr.kz * (double)hsum<C>(tz)};
+    Partial chunk = {{shift, sum}, (double)hsum<C>(ts), (double)tr.kz * (double)hsum<C>(tz),
+                     Stats ? (double)tr.kz * (double)hsum<C>(h0 + h1) : 0.0, above};
     acc = merge(acc, chunk);
   }
   return acc;

@@ -234,6 +234,18 @@ template <class C> constexpr C kLog2e = (C)1.4426950408889634073599;
 inline V<float> vexp_neg(V<float> x) { return vexp2_neg<float>(x * kLog2e<float>); }
 inline V<double> vexp_neg(V<double> x) { return vexp2_neg<double>(x * kLog2e<double>); }
 
+// log(1 + y) for y in [0, 1] (the softplus tail log1p(exp(-|d|))): with
+// s = y / (2 + y) in [0, 1/3], log(1 + y) = 2 atanh(s) = 2 s sum_k s^2k / (2k + 1),
+// K terms so that the first one left out, (1/9)^K / (2K + 1), is below half an ulp.
+template <class C>
+inline V<C> vlog1p_unit(V<C> y) {
+  constexpr int K = sizeof(C) == 4 ? 7 : 16;
+  const V<C> s = y / (y + (C)2), s2 = s * s;
+  V<C> p = splat<C>((C)1 / (C)(2 * K - 1));
+  for (int k = K - 2; k >= 0; --k) p = p * s2 + (C)1 / (C)(2 * k + 1);
+  return (s + s) * p;
+}
+
 inline V<double> exp_poly(V<double> r) {
   V<double> rr = r * r;
   V<double> px = ((1.26177193074810590878E-4 * rr + 3.02994407707441961300E-2) * rr +

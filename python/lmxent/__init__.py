@@ -8,6 +8,12 @@ from . import reference
 from ._arrays import bfloat16_dtype
 from .cross_entropy import cross_entropy, cross_entropy_backward, cross_entropy_with_grad
 from .softmax import log_softmax, logsumexp, softmax
+from .linear_cross_entropy import linear_cross_entropy, linear_target_logprobs
+from .token_stats import TokenStats, token_stats
+from .kl_divergence import kl_divergence
+from .evaluation import (answer_mask, bits_per_byte, calibration, perplexity,
+                         sequence_scores)
+from . import plot  # matplotlib is imported only when a plot is drawn
 from . import _cpu
 
 __version__ = "0.1.0"
@@ -30,5 +36,8 @@ def set_num_threads(n):
 
 
 __all__ = ["logsumexp", "log_softmax", "softmax", "cross_entropy", "cross_entropy_with_grad",
-           "cross_entropy_backward", "reference", "cpu_info", "set_cpu_isa",
-           "set_num_threads", "bfloat16_dtype"]
+           "cross_entropy_backward", "linear_cross_entropy", "linear_target_logprobs",
+           "reference", "cpu_info", "set_cpu_isa",
+           "set_num_threads", "bfloat16_dtype",
+           "sequence_scores", "answer_mask", "perplexity", "bits_per_byte", "calibration",
+           "plot", "token_stats", "TokenStats", "kl_divergence"]

@@ -38,6 +38,15 @@ def _is_cupy(x):
     return type(x).__module__.split(".")[0] == "cupy"
 
 
+def array_module(x):
+    """numpy or cupy: the array library of x (Python-level code is written once
+    against it, DESIGN principle 5)."""
+    if _is_cupy(x):
+        import cupy
+        return cupy
+    return np
+
+
 def kernels(x):
     """The kernel module for an array: lmxent._cpu for NumPy arrays."""
     if isinstance(x, np.ndarray):
@@ -97,6 +106,29 @@ def rows(x, name, *, need_view=False):
         raise ValueError(f"{name}: inplace=True needs logits whose rows can be viewed without "
                          "a copy (a contiguous last axis and collapsible leading axes)")
     return x2, x.shape[:-1]
+
+
+def class_ids(targets, lead, V, ignore_index, name="targets"):
+    """Validated class ids shaped `lead` -> (flat contiguous int64 ids, mask of the
+    non-ignored ones). Every id is in [0, V) or equal to ignore_index; the error
+    names the first bad position."""
+    t = targets if isinstance(targets, np.ndarray) else np.asarray(targets)
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected integer class ids, got dtype {t.dtype}")
+    if t.shape != tuple(lead):
+        raise ValueError(f"{name}: class ids must have shape {tuple(lead)} (the logits' "
+                         f"shape without the vocabulary axis), got {t.shape}")
+    # Checked in the ids' own dtype: the cast to int64 would wrap uint64 ids
+    # >= 2**63 to negative values (even onto ignore_index).
+    flat = t.reshape(-1)
+    valid = flat != ignore_index
+    bad = valid & ((flat < 0) | (flat >= V))
+    if bad.any():
+        i = int(np.argmax(bad))
+        pos = tuple(int(k) for k in np.unravel_index(i, lead)) if lead else ()
+        raise ValueError(f"{name}: value {flat[i]} at position {pos} is out of range "
+                         f"[0, {V}) and is not ignore_index ({ignore_index})")
+    return np.require(flat, np.int64, "CA"), valid
 
 
 def real(value, name):

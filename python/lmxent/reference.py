@@ -163,3 +163,215 @@ def cross_entropy_with_grad(logits, targets, *, weight=None, ignore_index=-100,
                 logit_scale=logit_scale, normalizer=normalizer)
     loss, lse = cross_entropy(logits, targets, return_lse=True, **opts)
     return loss, cross_entropy_backward(logits, targets, lse, grad_output, **opts)
+
+
+# ---------------------------------------------------------------------------
+# Evaluation math (lmxent.evaluation): sequence scores, answer masks, perplexity,
+# bits per byte, calibration. Loops straight from the definitions. Counts are int64
+# and masks bool; everything else is float64. A mean over zero tokens/bytes is 0.0.
+
+from .evaluation import Calibration, SequenceScores  # noqa: E402 (the same result types)
+
+__all__ += ["sequence_scores", "answer_mask", "perplexity", "bits_per_byte", "calibration"]
+
+
+def sequence_scores(logits, tokens, *, shift=True, mask=None, ignore_index=-100):
+    """Sum, count and mean of log p(token) over each sequence's targets: token t is a
+    target when mask[t] (default True), tokens[t] != ignore_index and, with shift, t >= 1;
+    it is scored by logits[t - 1] (shift=True) or logits[t] (shift=False)."""
+    x = np.asarray(logits, dtype=np.float64)
+    tokens = np.asarray(tokens)
+    if x.ndim < 2 or tokens.shape != x.shape[:-1]:
+        raise ValueError(f"tokens must have shape {x.shape[:-1]}, got {tokens.shape}")
+    V, T = x.shape[-1], tokens.shape[-1]
+    keep = tokens != ignore_index
+    if mask is not None:
+        keep &= np.asarray(mask).astype(bool)
+    lead = tokens.shape[:-1]
+    logprob_sum, n_tokens = np.zeros(lead), np.zeros(lead, dtype=np.int64)
+    for s in np.ndindex(lead):
+        logp = log_softmax(x[s])  # (T, V)
+        for t in range(1 if shift else 0, T):
+            if not keep[s + (t,)]:
+                continue
+            tok = int(tokens[s + (t,)])
+            if not 0 <= tok < V:
+                raise ValueError(f"token {tok} at position {s + (t,)} is out of range [0, {V})")
+            logprob_sum[s] += logp[t - 1 if shift else t, tok]
+            n_tokens[s] += 1
+    mean = np.divide(logprob_sum, n_tokens, out=np.zeros(lead), where=n_tokens > 0)
+    return SequenceScores(logprob_sum, n_tokens, mean)
+
+
+def answer_mask(prompt_lengths, lengths, T):
+    """mask[..., p] = prompt_lengths[...] <= p < lengths[...]."""
+    prompt_lengths, lengths = np.asarray(prompt_lengths), np.asarray(lengths)
+    if prompt_lengths.shape != lengths.shape:
+        raise ValueError("prompt_lengths and lengths must have the same shape")
+    mask = np.zeros(lengths.shape + (T,), dtype=bool)
+    for s in np.ndindex(lengths.shape):
+        if not 0 <= prompt_lengths[s] <= lengths[s] <= T:
+            raise ValueError(f"need 0 <= prompt_length <= length <= T at {s}")
+        for p in range(prompt_lengths[s], lengths[s]):
+            mask[s + (p,)] = True
+    return mask
+
+
+def _mean_per(total, count):
+    """total / count elementwise, 0.0 where count is 0."""
+    total, count = np.asarray(total, dtype=np.float64), np.asarray(count, dtype=np.float64)
+    if (count < 0).any():
+        raise ValueError("counts must be >= 0")
+    out = np.zeros(np.broadcast_shapes(total.shape, count.shape))
+    return np.divide(total, count, out=out, where=count > 0)
+
+
+def perplexity(nll_sum, n_tokens):
+    """exp(nll_sum / n_tokens); 1.0 where n_tokens is 0."""
+    with np.errstate(over="ignore"):
+        return np.exp(_mean_per(nll_sum, n_tokens))
+
+
+def bits_per_byte(nll_sum, n_bytes):
+    """nll_sum / ln 2 / n_bytes; 0.0 where n_bytes is 0."""
+    return _mean_per(nll_sum, n_bytes) / np.log(2)
+
+
+def calibration(confidence, correct, *, n_bins=15):
+    """ECE and MCE over equal-width bins (lo, hi] of [0, 1] (confidence 0 joins the
+    first bin); bins weighted by their fraction of the samples; empty bins skipped
+    (their accuracy and confidence are NaN)."""
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    conf = np.asarray(confidence, dtype=np.float64).reshape(-1)
+    ok = np.asarray(correct, dtype=np.float64).reshape(-1)
+    if conf.shape != ok.shape or not ((conf >= 0) & (conf <= 1)).all():
+        raise ValueError("need confidences in [0, 1] and one correct flag per confidence")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    counts = np.zeros(n_bins, dtype=np.int64)
+    accuracy, mean_conf = np.full(n_bins, np.nan), np.full(n_bins, np.nan)
+    ece = mce = 0.0
+    for i in range(n_bins):
+        in_bin = (conf > edges[i]) & (conf <= edges[i + 1])
+        if i == 0:
+            in_bin |= conf == 0
+        counts[i] = in_bin.sum()
+        if counts[i] == 0:
+            continue
+        accuracy[i], mean_conf[i] = ok[in_bin].mean(), conf[in_bin].mean()
+        gap = abs(accuracy[i] - mean_conf[i])
+        ece += counts[i] / conf.size * gap
+        mce = max(mce, gap)
+    return Calibration(np.float64(ece), np.float64(mce), edges, counts, accuracy, mean_conf)
+
+
+# ---- token statistics and KL divergence ------------------------------------
+
+__all__ += ["token_stats", "kl_divergence"]
+
+
+def token_stats(logits, targets, *, ignore_index=-100, temperature=1.0):
+    """Per-token logprob, lse, entropy, correct, top_prob, rank (lmxent.token_stats's
+    conventions: ignored targets get logprob 0, correct False, rank -1; NaN rows rank -1)."""
+    from .token_stats import TokenStats
+    z = _scaled(logits, temperature)
+    V = z.shape[-1]
+    lse = logsumexp(z)
+    with np.errstate(invalid="ignore"):
+        lp = z - lse[..., None]
+        p = np.exp(lp)
+        entropy = -np.sum(np.where(p > 0, p * lp, 0.0), axis=-1)
+        entropy = np.where(np.isfinite(lse), entropy, np.nan)
+        t = np.asarray(targets)
+        ignored = t == ignore_index
+        tt = np.where(ignored, 0, t).astype(np.int64)
+        zt = np.take_along_axis(z, tt[..., None], -1)
+        above = np.sum(z > zt, axis=-1) + np.sum((z == zt) & (np.arange(V) < tt[..., None]), axis=-1)
+        rank = np.where(ignored | np.isnan(lse), -1, above)
+        logprob = np.where(ignored, 0.0, zt[..., 0] - lse)
+        top_prob = np.exp(np.max(z, axis=-1) - lse)
+    return TokenStats(logprob, lse, entropy, rank == 0, top_prob, rank)
+
+
+def kl_divergence(student_logits, teacher_logits, *, temperature=1.0, direction="forward",
+                  reduction="batchmean", mask=None, grad_output=1.0, return_grad=False):
+    """KL(q || p) (forward), KL(p || q) (reverse) or Jensen-Shannon (js) of
+    p = softmax(student / T), q = softmax(teacher / T); terms with zero weight are 0.
+    "batchmean" divides by the number of rows counted (mask True); 0 rows give 0.
+    With return_grad, also d loss / d student_logits * grad_output."""
+    ls = log_softmax(student_logits, temperature=temperature)
+    lt = log_softmax(teacher_logits, temperature=temperature)
+    p, q = np.exp(ls), np.exp(lt)
+
+    def weighted(w, a):  # sum_j w_j a_j with w_j = 0 contributing 0
+        return np.where(w > 0, w * a, 0.0)
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if direction == "forward":
+            kl = weighted(q, lt - ls).sum(-1)
+            g = p - q
+        elif direction == "reverse":
+            kl = weighted(p, ls - lt).sum(-1)
+            g = weighted(p, ls - lt - kl[..., None])
+        elif direction == "js":
+            lm = np.log((p + q) / 2)
+            kl_p = weighted(p, ls - lm).sum(-1)
+            kl = (kl_p + weighted(q, lt - lm).sum(-1)) / 2
+            g = weighted(p, (ls - lm) / 2 - kl_p[..., None] / 2)
+        else:
+            raise ValueError(f"unknown direction {direction!r}")
+    keep = np.ones(kl.shape, bool) if mask is None else np.asarray(mask, bool)
+    kl = np.where(keep, kl, 0.0)
+    count = int(keep.sum())
+    g = np.where(keep[..., None], g, 0.0) / temperature
+    if reduction == "none":
+        out, gs = kl, np.asarray(grad_output, np.float64)[..., None]
+    elif reduction in ("sum", "batchmean"):
+        div = count if reduction == "batchmean" else 1
+        out = np.float64(kl.sum() / div if div else 0.0)
+        gs = float(grad_output) / div if div else 0.0
+    else:
+        raise ValueError(f"unknown reduction {reduction!r}")
+    return (out, g * gs) if return_grad else out
+
+
+# ---------------------------------------------------------------------------
+# The LM head (lmxent.linear_cross_entropy): the same losses of the logits
+# hidden @ weight.T + bias, here materialised. `class_weight` is cross_entropy's
+# `weight` (the name `weight` is the (V, D) matrix).
+
+__all__ += ["linear_cross_entropy", "linear_target_logprobs"]
+
+
+def _head_logits(hidden, weight, bias):
+    z = np.asarray(hidden, dtype=np.float64) @ np.asarray(weight, dtype=np.float64).T
+    return z if bias is None else z + np.asarray(bias, dtype=np.float64)
+
+
+def linear_cross_entropy(hidden, weight, targets, *, bias=None, class_weight=None,
+                         ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                         z_loss=0.0, softcap=None, logit_scale=1.0, normalizer=None,
+                         grad_output=1.0, return_grads=True):
+    """cross_entropy of the logits hidden @ weight.T + bias, and the gradients of
+    loss * grad_output w.r.t. hidden, weight and bias (None without a bias)."""
+    logits = _head_logits(hidden, weight, bias)
+    opts = dict(weight=class_weight, ignore_index=ignore_index, reduction=reduction,
+                label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                logit_scale=logit_scale, normalizer=normalizer)
+    if not return_grads:
+        return cross_entropy(logits, targets, **opts)
+    loss, g = cross_entropy_with_grad(logits, targets, grad_output=grad_output, **opts)
+    V, D = np.shape(weight)
+    h2, g2 = np.asarray(hidden, dtype=np.float64).reshape(-1, D), g.reshape(-1, V)
+    d_bias = None if bias is None else g2.sum(axis=0)
+    return loss, (g @ np.asarray(weight, dtype=np.float64), g2.T @ h2, d_bias)
+
+
+def linear_target_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100,
+                           softcap=None, logit_scale=1.0):
+    """(log p(target), lse) per token under the logits hidden @ weight.T + bias (scaled,
+    then soft-capped); ignored tokens have log-probability 0."""
+    loss, lse = cross_entropy(_head_logits(hidden, weight, bias), targets,
+                              ignore_index=ignore_index, reduction="none", softcap=softcap,
+                              logit_scale=logit_scale, return_lse=True)
+    return 0.0 - loss, lse  # loss = lse - z[target], 0 for ignored tokens

@@ -68,6 +68,42 @@ struct CEArgs {
   const void* grad_rows = nullptr;  // rows values of C multiplying each row, or nullptr
 };
 
+// Token statistics of class-id targets, one read of each row: z = scale * x
+// (scale = 1 / temperature). Outputs (rows values each, any may be nullptr):
+//   logprob = z_t - lse, lse, entropy = -sum_j p_j log p_j, top_prob = max_j p_j,
+//   rank = #{j : z_j > z_t} + #{j < t : z_j == z_t} (the target's place in a
+//   stable descending sort: rank 0 is argmax == target, first index on ties).
+// Ignored targets get logprob 0 and rank -1 (lse, entropy, top_prob are still
+// computed); a NaN row gets rank -1.
+struct TokenStatsArgs {
+  View2D logits;
+  const int64_t* targets = nullptr;  // validated class ids
+  int64_t ignore_index = -100;
+  Transform tr;                      // scale only
+  void *logprob = nullptr, *lse = nullptr, *entropy = nullptr, *top_prob = nullptr;  // C
+  int64_t* rank = nullptr;
+};
+
+// KL divergence between softmax(student * scale) = p and softmax(teacher * scale) = q
+// over each row (scale = 1 / temperature):
+//   forward  KL(q || p) = sum_j q_j (log q_j - log p_j)
+//   reverse  KL(p || q) = sum_j p_j (log p_j - log q_j)
+//   js       JS(p, q)   = (KL(p || m) + KL(q || m)) / 2, m = (p + q) / 2
+// A class with zero probability on the weighting side contributes 0 (even
+// against -inf on the other side). The gradient with respect to the student
+// logits is written when grad.data is set, times grad_scale * grad_rows[r].
+enum class KLDirection : int32_t { Forward = 0, Reverse = 1, JS = 2 };
+struct KLArgs {
+  View2D student, teacher;           // same shape and dtype
+  const uint8_t* row_mask = nullptr; // rows with 0 are skipped (loss 0, zero gradient)
+  Transform tr;                      // scale only
+  KLDirection dir = KLDirection::Forward;
+  void* loss = nullptr;              // out: rows values of C
+  View2D grad;                       // out: student dtype, may alias the student
+  double grad_scale = 1.0;
+  const void* grad_rows = nullptr;
+};
+
 inline namespace LMXENT_ISA {
 
 // Online log-sum-exp: sum exp(z - m) = s, with m the largest z seen. Merging
@@ -96,6 +132,43 @@ LMXENT_HD C lse_final(LseState<C> st, Log log_fn) {
   if (lse_isnan(st.m) || lse_isnan(st.s)) return st.m + st.s;
   if (st.m == (C)INFINITY || st.m == -(C)INFINITY) return st.m;
   return st.m + log_fn(st.s);
+}
+
+// A sum weighted by exp(z - m), carried beside its LSE state (the KL sums),
+// merges like s: the larger side's plus exp(m_small - m_large) times the
+// smaller side's, where the smaller side has anything.
+template <class C, class Exp>
+LMXENT_HD C lse_merge_sum(LseState<C> a, C da, LseState<C> b, C db, Exp exp_fn) {
+  if (lse_isnan(a.m) || lse_isnan(b.m)) return a.m + b.m;
+  if (a.m < b.m) {
+    LseState<C> t = a; a = b; b = t;
+    C u = da; da = db; db = u;
+  }
+  if (b.s == (C)0) return da;
+  return a.m == b.m ? da + db : da + exp_fn(b.m - a.m) * db;
+}
+
+// Entropy rides along the online LSE as h = sum_j exp(z_j - m) (z_j - m), so
+// that H = log s - h / s. Moving a state to a larger max M scales s by
+// f = exp(m - M) and h by f with a shift: h' = f (h + (m - M) s).
+template <class C, class Exp>
+LMXENT_HD C ent_merge(LseState<C> a, C ha, LseState<C> b, C hb, Exp exp_fn) {
+  if (lse_isnan(a.m) || lse_isnan(b.m)) return a.m + b.m;
+  if (a.m < b.m) {
+    LseState<C> t = a; a = b; b = t;
+    C u = ha; ha = hb; hb = u;
+  }
+  if (b.s == (C)0) return ha;  // nothing on the smaller side (m = -inf among them)
+  if (a.m == b.m) return ha + hb;
+  const C d = b.m - a.m;
+  return ha + exp_fn(d) * (hb + d * b.s);
+}
+
+// -sum p log p; NaN where the softmax is undefined (NaN, +inf, all -inf).
+template <class C, class Log>
+LMXENT_HD C ent_final(LseState<C> st, C h, Log log_fn) {
+  if (lse_isnan(st.m) || lse_isnan(h) || !(st.m > -(C)INFINITY && st.m < (C)INFINITY)) return (C)NAN;
+  return log_fn(st.s) - h / st.s;
 }
 
 // The shift used inside a block whose running max is m: exp(z - shift) must

@@ -1,0 +1,146 @@
+"""lmxent.kl_divergence (forward, reverse, Jensen-Shannon; loss and fused student
+gradient) against lmxent.reference (float64), torch's F.kl_div with autograd, and
+float64 finite differences; zero-probability teacher classes, masks, reductions,
+temperature, in-place gradients, errors."""
+import numpy as np
+import pytest
+
+import lmxent as lx
+from lmxent import reference as R
+from conftest import (DTYPE_IDS, DTYPES, F64, assert_grad_close, assert_loss_close,  # noqa: F401
+                      dtype_id, isa, lowp, numeric_grad, torch)
+
+DIRECTIONS = ["forward", "reverse", "js"]
+# gradient tolerance: float32 error is absolute, relative to the row's gradient scale (<= 2 / T)
+GSCALE = 2.0
+
+
+def pair(rng, shape, dtype, zero_teacher=False):
+    s, s64 = lowp(rng.standard_normal(shape) * 3, dtype)
+    t, t64 = lowp(rng.standard_normal(shape) * 3, dtype)
+    if zero_teacher:  # a third of the teacher's classes impossible
+        t[..., ::3] = -np.inf
+        t64[..., ::3] = -np.inf
+    return s, s64, t, t64
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("V", [1, 7, 2049, 40000])
+def test_matches_reference(rng, isa, dtype, direction, V):
+    s, s64, t, t64 = pair(rng, (6, V), dtype, zero_teacher=direction != "reverse" and V > 1)
+    loss, g = lx.kl_divergence(s, t, direction=direction, reduction="none", return_grad=True,
+                               temperature=1.5)
+    rl, rg = R.kl_divergence(s64, t64, direction=direction, reduction="none", return_grad=True,
+                             temperature=1.5)
+    assert loss.dtype == (np.float64 if dtype == F64 else np.float32)
+    assert_loss_close(loss, rl, dtype, what="kl")
+    assert (loss >= 0).all()
+    assert_grad_close(g, rg, dtype, gscale=GSCALE)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("reduction", ["sum", "batchmean", "none"])
+def test_reductions_mask_grad_output(rng, direction, reduction):
+    s, _, t, _ = pair(rng, (3, 4, 300), np.float64)
+    mask = rng.random((3, 4)) < 0.6
+    go = rng.standard_normal((3, 4)) if reduction == "none" else 0.7
+    kw = dict(direction=direction, reduction=reduction, mask=mask, temperature=0.8)
+    loss, g = lx.kl_divergence(s, t, grad_output=go, return_grad=True, **kw)
+    rl, rg = R.kl_divergence(s, t, grad_output=go, return_grad=True, **kw)
+    np.testing.assert_allclose(loss, rl, rtol=1e-11, atol=1e-12)
+    np.testing.assert_allclose(g, rg, rtol=1e-9, atol=1e-12)
+    assert (g[~mask] == 0).all()
+    assert np.array_equal(np.asarray(lx.kl_divergence(s, t, **kw)), np.asarray(loss))
+
+
+def test_all_masked_is_zero(rng):
+    s, _, t, _ = pair(rng, (4, 50), np.float32)
+    loss, g = lx.kl_divergence(s, t, mask=np.zeros(4, bool), return_grad=True)
+    assert float(loss) == 0.0 and not g.any()
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_finite_differences(rng, direction):
+    s, _, t, _ = pair(rng, (2, 9), np.float64, zero_teacher=direction != "reverse")
+    _, g = lx.kl_divergence(s, t, direction=direction, return_grad=True, reduction="sum",
+                            temperature=0.7)
+    num = numeric_grad(lambda z: float(lx.kl_divergence(z, t, direction=direction,
+                                                        reduction="sum", temperature=0.7)), s)
+    np.testing.assert_allclose(g, num, rtol=1e-6, atol=1e-8)
+
+
+def test_zero_probability_classes():
+    # teacher puts no mass on class 0; student puts none on class 2
+    s = np.array([[0.0, 1.0, -np.inf]])
+    t = np.array([[-np.inf, 0.0, 0.0]])
+    fwd = lx.kl_divergence(s, t)                       # q_2 > 0 where p_2 = 0: infinite
+    rev = lx.kl_divergence(s, t, direction="reverse")  # p_0 > 0 where q_0 = 0: infinite
+    js = lx.kl_divergence(s, t, direction="js")         # always finite, <= ln 2
+    assert fwd == np.inf and rev == np.inf
+    assert 0 < js < np.log(2)
+    np.testing.assert_allclose(js, R.kl_divergence(s, t, direction="js"), rtol=1e-12)
+    # where the teacher is 0 and the student -inf too, the term is 0: finite
+    s2 = np.array([[-np.inf, 1.0, 2.0]])
+    assert np.isfinite(lx.kl_divergence(s2, t))
+
+
+def test_identical_rows_are_zero(rng):
+    x = rng.standard_normal((5, 1000)).astype(np.float32)
+    for d in DIRECTIONS:
+        loss, g = lx.kl_divergence(x, x.copy(), direction=d, reduction="none", return_grad=True)
+        assert np.abs(loss).max() < 1e-6 and np.abs(g).max() < 1e-7
+
+
+def test_inplace(rng):
+    s, _, t, _ = pair(rng, (4, 3000), np.float32)
+    _, g = lx.kl_divergence(s, t, return_grad=True, direction="js")
+    s2 = s.copy()
+    _, g2 = lx.kl_divergence(s2, t, return_grad=True, inplace=True, direction="js")
+    assert g2 is s2
+    np.testing.assert_array_equal(g, g2)
+
+
+@pytest.mark.skipif(torch is None, reason="torch is not installed")
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_against_torch(rng, direction):
+    s, _, t, _ = pair(rng, (32, 5000), np.float32)
+    T = 2.0
+    loss, g = lx.kl_divergence(s, t, direction=direction, temperature=T, return_grad=True)
+    st = torch.from_numpy(s).requires_grad_()
+    ls = torch.log_softmax(st / T, -1)
+    lt = torch.log_softmax(torch.from_numpy(t) / T, -1)
+    a, b = (ls, lt) if direction == "forward" else (lt, ls)  # kl_div(input, target) = KL(target || input)
+    ref = torch.nn.functional.kl_div(a, b, log_target=True, reduction="batchmean")
+    ref.backward()
+    np.testing.assert_allclose(loss, ref.item(), rtol=1e-5)
+    np.testing.assert_allclose(g, st.grad.numpy(), rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("kw, exc, msg", [
+    (dict(teacher=np.zeros((3, 9))), ValueError, "teacher_logits: expected the student's shape (3, 10)"),
+    (dict(direction="kl"), ValueError, "direction must be one of"),
+    (dict(reduction="mean"), ValueError, "reduction='mean'"),
+    (dict(reduction="avg"), ValueError, "reduction must be one of"),
+    (dict(mask=np.ones(3)), TypeError, "mask: expected a boolean array"),
+    (dict(mask=np.ones(4, bool)), ValueError, "mask: expected shape (3,)"),
+    (dict(inplace=True), ValueError, "inplace=True writes the gradient"),
+    (dict(temperature=-1), ValueError, "temperature must be a finite positive number"),
+    (dict(return_grad=True, grad_output=np.ones(3)), ValueError, "grad_output must be a scalar"),
+    (dict(return_grad=True, reduction="none", grad_output=np.ones(4)), ValueError,
+     "grad_output: shape (4,) does not broadcast"),
+    (dict(student=np.zeros((3, 10), np.int8) + 1j), TypeError, "student_logits: unsupported dtype"),
+    (dict(student=np.zeros((3, 0)), teacher=np.zeros((3, 0))), ValueError, "the vocabulary axis is empty"),
+])
+def test_errors(kw, exc, msg):
+    s = kw.pop("student", np.zeros((3, 10)))
+    t = kw.pop("teacher", np.zeros((3, 10)))
+    with pytest.raises(exc) as e:
+        lx.kl_divergence(s, t, **kw)
+    assert msg in str(e.value)
+
+
+def test_inplace_refuses_aliased_teacher():
+    x = np.zeros((3, 10))
+    with pytest.raises(ValueError, match="shares memory"):
+        lx.kl_divergence(x, x, return_grad=True, inplace=True)
