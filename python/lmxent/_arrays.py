@@ -47,22 +47,64 @@ def array_module(x):
     return np
 
 
+class _CudaKernels:
+    """lmxent._cuda, with a TypeError naming an op that has no CUDA kernel yet."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, op):
+        try:
+            return getattr(self._module, op)
+        except AttributeError:
+            raise TypeError(f"{op} has no CUDA kernel yet: pass NumPy arrays "
+                            "(cupy.asnumpy)") from None
+
+
+_CUDA = None  # _CudaKernels once lmxent._cuda and cupy import, else the ImportError
+
+
+def _cuda_kernels():
+    global _CUDA
+    if _CUDA is None:
+        try:
+            from . import _cuda
+        except ImportError as e:
+            _CUDA = ImportError("CuPy arrays need the CUDA backend (lmxent._cuda), which this "
+                                f"build does not include (built without nvcc?): {e}")
+        else:
+            try:
+                import cupy  # noqa: F401 -- outputs are allocated with it
+                _CUDA = _CudaKernels(_cuda)
+            except ImportError as e:
+                _CUDA = ImportError(f"CuPy arrays need the CUDA backend, which needs CuPy: {e}")
+    if isinstance(_CUDA, ImportError):
+        raise TypeError(str(_CUDA))
+    return _CUDA
+
+
 def kernels(x):
-    """The kernel module for an array: lmxent._cpu for NumPy arrays."""
+    """The kernels for an array: lmxent._cpu for NumPy arrays, lmxent._cuda for
+    CuPy arrays (a TypeError saying why when the CUDA backend is missing)."""
     if isinstance(x, np.ndarray):
         return _cpu
     if _is_cupy(x):
-        raise TypeError("CuPy arrays need the CUDA backend (lmxent._cuda), which this "
-                        "build does not include")
+        k = _cuda_kernels()
+        import cupy
+        if not isinstance(x, cupy.ndarray):
+            raise TypeError(f"expected a NumPy array or a cupy.ndarray, got {type(x).__name__}")
+        return k
     raise TypeError(f"expected a NumPy array, got {type(x).__name__}")
 
 
 def as_float_array(x, name, *, inplace=False):
     """x as a native-byte-order float array; inplace=True (results written over x)
-    refuses what would have to be converted or cannot be written."""
-    if _is_cupy(x):
+    refuses what would have to be converted or cannot be written. CuPy arrays
+    (always native and writable) are returned as they are."""
+    cupy_x = _is_cupy(x)
+    if cupy_x:
         kernels(x)  # before np.asarray, which CuPy refuses with an error of its own
-    if not isinstance(x, np.ndarray):
+    elif not isinstance(x, np.ndarray):
         x = np.asarray(x)
         if x.dtype.kind in "iub":
             x = x.astype(np.float64)
@@ -70,6 +112,8 @@ def as_float_array(x, name, *, inplace=False):
     if not is_float(x.dtype):
         raise TypeError(f"{name}: unsupported dtype {x.dtype} (expected float32, float64, "
                         "float16 or ml_dtypes.bfloat16)")
+    if cupy_x:
+        return x
     if inplace and not x.flags.writeable:
         raise ValueError(f"{name}: inplace=True needs a writable array")
     if not x.dtype.isnative:
@@ -81,13 +125,82 @@ def as_float_array(x, name, *, inplace=False):
     return x
 
 
-def real_array(a, name):
-    """np.asarray(a), refusing dtypes that np.require would turn into a float
+def asarray(a, name, xp=np):
+    """a as an array of xp (numpy or cupy, the logits' library): a CuPy array
+    stays on its device; anything else goes through np.asarray (and is copied to
+    the device for CuPy)."""
+    if _is_cupy(a):
+        if xp is np:
+            raise TypeError(f"{name}: a CuPy array, but the logits are a NumPy array")
+        return a
+    a = a if isinstance(a, np.ndarray) else np.asarray(a)
+    return a if xp is np else xp.asarray(a)
+
+
+def real_array(a, name, xp=np):
+    """asarray(a), refusing dtypes that np.require would turn into a float
     silently or wrongly (bool, complex, object: None becomes NaN, str)."""
-    a = np.asarray(a)
+    a = asarray(a, name, xp)
     if a.dtype.kind not in "fiu" and a.dtype != bfloat16_dtype():
         raise TypeError(f"{name}: unsupported dtype {a.dtype} (expected real numbers)")
     return a
+
+
+def require(a, dtype):
+    """np.require(a, dtype, "CA") for NumPy or CuPy arrays: C-contiguous, aligned,
+    of `dtype`, copied only when needed."""
+    if isinstance(a, np.ndarray):
+        return np.require(a, dtype, "CA")
+    a = a.astype(dtype, copy=False)
+    if not a.flags.c_contiguous or a.data.ptr % a.itemsize:
+        a = a.copy()
+    return a
+
+
+def data_ptr(a):
+    """Address of a's first element (NumPy or CuPy)."""
+    return a.data.ptr if _is_cupy(a) else a.__array_interface__["data"][0]
+
+
+# ------------------------------------------------------- CUDA validation mode
+# Eager (the default): class ids (and class weights) of CuPy calls are checked
+# on the device before the kernel runs, with one host round trip per call, and
+# raise like the CPU path. Deferred: no round trip; the kernels give a bad id's
+# row a NaN loss and gradient (never reading out of bounds) and record it on
+# the device, and check_cuda_errors() raises for it later.
+_CUDA_EAGER = True
+
+
+def set_cuda_validation(mode):
+    """'eager' (default) or 'deferred' validation of CuPy calls' class ids and
+    class weights; returns the previous mode."""
+    global _CUDA_EAGER
+    if mode not in ("eager", "deferred"):
+        raise ValueError(f"mode must be 'eager' or 'deferred', got {mode!r}")
+    previous = "eager" if _CUDA_EAGER else "deferred"
+    _CUDA_EAGER = mode == "eager"
+    return previous
+
+
+def cuda_eager(xp):
+    """Whether values of an xp call are validated before its kernel runs."""
+    return xp is np or _CUDA_EAGER
+
+
+def check_cuda_errors(device=None):
+    """Raise ValueError if a CUDA cross-entropy call on `device` (default: CuPy's
+    current device) met a class id out of range since the last check (possible
+    under set_cuda_validation('deferred')), and clear the record. Waits for the
+    work queued on CuPy's current stream."""
+    import cupy
+    k = _cuda_kernels()
+    with cupy.cuda.Device(device) as dev:
+        count, first = k.take_status(dev.id, cupy.cuda.get_current_stream().ptr)
+    if count:
+        raise ValueError(f"targets: {count} class id(s) out of range and not ignore_index "
+                         f"reached CUDA cross-entropy since the last check (the first at row "
+                         f"{first} of the flattened targets of its call); their loss and "
+                         "gradient rows are NaN")
 
 
 def rows(x, name, *, need_view=False):
@@ -99,9 +212,14 @@ def rows(x, name, *, need_view=False):
     if V == 0:
         raise ValueError(f"{name}: the vocabulary axis is empty (V = 0)")
     x2 = x.reshape(-1, V)
-    viewed = x2.size == 0 or np.shares_memory(x2, x)
-    if (V > 1 and x2.strides[1] != x2.itemsize) or not x2.flags.aligned:
-        x2, viewed = np.require(x2, requirements=["C", "A"]), False
+    if _is_cupy(x):  # a reshape that cannot view copies to new memory
+        viewed = x2.size == 0 or x2.data.ptr == x.data.ptr
+        if (V > 1 and x2.strides[1] != x2.itemsize) or x2.data.ptr % x2.itemsize:
+            x2, viewed = x2.copy(), False
+    else:
+        viewed = x2.size == 0 or np.shares_memory(x2, x)
+        if (V > 1 and x2.strides[1] != x2.itemsize) or not x2.flags.aligned:
+            x2, viewed = np.require(x2, requirements=["C", "A"]), False
     if need_view and not viewed:
         raise ValueError(f"{name}: inplace=True needs logits whose rows can be viewed without "
                          "a copy (a contiguous last axis and collapsible leading axes)")
@@ -164,11 +282,12 @@ def finite(value, name, lo=None, hi=None):
     return v
 
 
-def check_out(out, shape, dtype, name="out"):
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"{name}: expected a NumPy array, got {type(out).__name__}")
+def check_out(out, shape, dtype, name="out", xp=np):
+    if not isinstance(out, xp.ndarray):
+        lib = "NumPy" if xp is np else "CuPy"
+        raise TypeError(f"{name}: expected a {lib} array, got {type(out).__name__}")
     if out.shape != tuple(shape) or out.dtype != dtype:
         raise ValueError(f"{name}: expected shape {tuple(shape)} and dtype {dtype}, "
                          f"got {out.shape} and {out.dtype}")
-    if not out.flags.writeable:
+    if xp is np and not out.flags.writeable:  # CuPy arrays are always writable
         raise ValueError(f"{name}: array is read-only")

@@ -4,7 +4,14 @@ torch.nn.functional.cross_entropy, plus logit_scale, softcap, z_loss and
 normalizer) are written out in lmxent.reference, the float64 oracle.
 
 Losses are float32 (float64 for float64 logits); per-token losses are summed
-in float64. Gradients have the logits' dtype."""
+in float64. Gradients have the logits' dtype.
+
+NumPy logits run on the CPU kernels. CuPy logits run on the CUDA kernels, on
+CuPy's current stream, and stay on the device: the "mean" denominator is
+counted there and the loss is a 0-d CuPy array. Their other array arguments may
+be CuPy or host arrays (copied to the device). Their class ids and class
+weights are checked on the device with one host round trip per call, unless
+validation is deferred (lmxent._arrays.set_cuda_validation)."""
 import numpy as np
 
 from . import _arrays as A
@@ -13,12 +20,34 @@ _REDUCTIONS = ("none", "mean", "sum")
 _INT64 = np.iinfo(np.int64)
 
 
+def _class_ids(t, V, ignore_index, xp):
+    """(int64 ids, mask of the non-ignored) of flat class ids. uint64 ids >= 2**63,
+    which the cast to int64 would wrap to negative values (even onto ignore_index),
+    become an out-of-range id that is not ignore_index."""
+    if t.dtype == np.uint64:
+        wrap = t > np.uint64(_INT64.max)
+        t = xp.where(wrap, np.uint64(V if ignore_index != V else V + 1), t)
+    ids = t.astype(np.int64, copy=False)
+    return ids, ids != ignore_index
+
+
+def _mean(total, denom, xp):
+    """total / denom, 0 when denom is 0 (nothing counted), on the device when the
+    denominator is there."""
+    if A._is_cupy(denom):
+        return xp.where(denom != 0, total / xp.where(denom != 0, denom, 1), 0.0)
+    if denom != 0:
+        return total / denom
+    return 0.0 if xp is np else xp.zeros((), np.float64)
+
+
 class _Problem:
     """Validated arguments of one call, ready for the kernel."""
 
     def __init__(self, logits, targets, weight, ignore_index, reduction, label_smoothing,
                  z_loss, softcap, logit_scale, normalizer, inplace=False):
         x = A.as_float_array(logits, "logits", inplace=inplace)
+        self.xp = xp = A.array_module(x)
         self.x, (self.x2, self.lead) = x, A.rows(x, "logits", need_view=inplace)
         n, V = self.x2.shape
         self.ct = ct = A.compute_dtype(x.dtype)
@@ -35,51 +64,72 @@ class _Problem:
         if normalizer is not None and reduction != "mean":
             raise ValueError("normalizer is only allowed with reduction='mean'")
         normalizer = A.positive(normalizer, "normalizer", allow_none=True)
+        # Value checks: at once on NumPy; on CuPy collected as device booleans and
+        # read together (one host round trip), or skipped when deferred.
+        eager, pending = A.cuda_eager(xp), []
+
+        def check(failed, error):
+            if xp is np:
+                if failed:
+                    raise error()
+            else:
+                pending.append((failed, error))
 
         self.w = None
         if weight is not None:
-            w = A.real_array(weight, "weight")
+            w = A.real_array(weight, "weight", xp)
             if w.shape != (V,):
                 raise ValueError(f"weight: expected shape ({V},), got {w.shape}")
-            self.w = np.require(w, ct, "CA")
-            if not np.isfinite(self.w).all():
-                raise ValueError("weight: contains a non-finite value")
+            self.w = A.require(w, ct)
+            if eager:
+                check(~xp.isfinite(self.w).all(),
+                      lambda: ValueError("weight: contains a non-finite value"))
 
-        t = targets if isinstance(targets, np.ndarray) else np.asarray(targets)
+        t = A.asarray(targets, "targets", xp)
         self.tids = self.probs = None
         if t.dtype.kind in "iu":
             if t.shape != self.lead:
                 raise ValueError(f"targets: class ids must have shape {self.lead} (the logits' "
                                  f"shape without the vocabulary axis), got {t.shape}")
-            # Checked in the ids' own dtype: the cast to int64 would wrap uint64 ids
-            # >= 2**63 to negative values (even onto ignore_index).
             flat = t.reshape(-1)
-            valid = flat != self.ignore_index
-            bad = valid & ((flat < 0) | (flat >= V))
-            if bad.any():
-                i = int(np.argmax(bad))
-                pos = tuple(int(k) for k in np.unravel_index(i, self.lead)) if self.lead else ()
-                raise ValueError(f"targets: value {flat[i]} at position {pos} is out of range "
-                                 f"[0, {V}) and is not ignore_index ({self.ignore_index})")
-            self.tids = tids = np.require(flat, np.int64, "CA")
-            if normalizer is not None:
-                denom = normalizer
-            elif self.w is None:
-                denom = int(np.count_nonzero(valid))
+            ids, valid = _class_ids(flat, V, self.ignore_index, xp)
+            if eager:
+                bad = valid & ((ids < 0) | (ids >= V))
+
+                def bad_target():
+                    i = int(xp.argmax(bad))
+                    pos = tuple(int(k) for k in np.unravel_index(i, self.lead)) if self.lead else ()
+                    return ValueError(f"targets: value {int(flat[i])} at position {pos} is out of "
+                                      f"range [0, {V}) and is not ignore_index "
+                                      f"({self.ignore_index})")
+                check(bad.any(), bad_target)
+            self.tids = tids = A.require(ids, np.int64)
+            if normalizer is not None or reduction != "mean":
+                denom = normalizer or 0.0  # only a "mean" divides
+            elif xp is np:
+                denom = (int(np.count_nonzero(valid)) if self.w is None
+                         else float(self.w[tids[valid]].sum(dtype=np.float64)))
+            elif self.w is None:  # counted on the device
+                denom = xp.count_nonzero(valid).astype(np.float64)
             else:
-                denom = float(self.w[tids[valid]].sum(dtype=np.float64))
+                denom = xp.where(valid, self.w[xp.clip(tids, 0, V - 1)], 0).sum(dtype=np.float64)
         elif t.dtype.kind == "f" or t.dtype == A.bfloat16_dtype():
             if t.shape != x.shape:
                 raise ValueError(f"targets: probability targets must have the logits' shape "
                                  f"{x.shape}, got {t.shape}")
             if self.ignore_index >= 0:
                 raise ValueError("ignore_index is not supported for probability targets")
-            self.probs = np.require(t.reshape(n, V), ct, "CA")
+            self.probs = A.require(t.reshape(n, V), ct)
             denom = normalizer if normalizer is not None else n
         else:
             raise TypeError(f"targets: expected integer class ids or float probabilities, "
                             f"got dtype {t.dtype}")
-        self.denom = float(denom)
+        self.denom = denom if A._is_cupy(denom) else float(denom)
+        if pending:
+            failed = xp.stack([f for f, _ in pending]).get()
+            for bad_value, (_, error) in zip(failed, pending):
+                if bad_value:
+                    raise error()
 
     def run(self, *, loss=None, lse=None, lse_given=False, grad=None, grad_scale=1.0,
             grad_rows=None):
@@ -93,30 +143,41 @@ class _Problem:
             return loss_rows.reshape(self.lead)
         total = loss_rows.sum(dtype=np.float64)
         if self.reduction == "mean":
-            total = total / self.denom if self.denom != 0 else 0.0
-        return np.asarray(total, dtype=self.ct)
+            total = _mean(total, self.denom, self.xp)
+        return self.xp.asarray(total, dtype=self.ct)
 
     def grad_factor(self, grad_output):
-        """(grad_scale, grad_rows) for the kernel from the caller's grad_output."""
-        g = A.real_array(grad_output, "grad_output")
+        """(grad_scale, grad_rows) for the kernel from the caller's grad_output. On
+        CuPy a device grad_output, or a "mean" whose denominator is on the device,
+        becomes per-row factors: no host round trip."""
+        xp = self.xp
+        device = xp is not np and A._is_cupy(grad_output)
+        g = A.real_array(grad_output, "grad_output", xp if device else np)
         if g.ndim == 0:
-            g = float(g)
+            if not device and not (self.reduction == "mean" and A._is_cupy(self.denom)):
+                g = float(g)
+                if self.reduction == "mean":
+                    g = _mean(g, self.denom, xp)
+                return g, None
+            g = g.astype(np.float64) if device else float(g)
             if self.reduction == "mean":
-                g = g / self.denom if self.denom != 0 else 0.0
-            return g, None
+                g = _mean(g, self.denom, xp)
+            return 1.0, A.require(xp.broadcast_to(xp.asarray(g, dtype=self.ct),
+                                                  (self.x2.shape[0],)), self.ct)
         if self.reduction != "none":
             raise ValueError(f"grad_output must be a scalar for reduction={self.reduction!r}")
+        g = A.asarray(g, "grad_output", xp)
         try:
-            g = np.broadcast_to(g, self.lead)
+            g = xp.broadcast_to(g, self.lead)
         except ValueError:
             raise ValueError(f"grad_output: shape {g.shape} does not broadcast to the "
                              f"per-token loss shape {self.lead}") from None
-        return 1.0, np.require(g.reshape(-1), self.ct, "CA")
+        return 1.0, A.require(g.reshape(-1), self.ct)
 
     def new_grad(self, inplace):
         if inplace:
             return self.x2, self.x
-        g = np.empty(self.x2.shape, self.x.dtype)
+        g = self.xp.empty(self.x2.shape, self.x.dtype)
         return g, g.reshape(self.x.shape)
 
 
@@ -128,8 +189,8 @@ def cross_entropy(logits, targets, *, weight=None, ignore_index=-100, reduction=
     transformed logits with return_lse=True."""
     p = _Problem(logits, targets, weight, ignore_index, reduction, label_smoothing, z_loss,
                  softcap, logit_scale, normalizer)
-    loss = np.empty(p.x2.shape[0], p.ct)
-    lse = np.empty(p.x2.shape[0], p.ct) if return_lse else None
+    loss = p.xp.empty(p.x2.shape[0], p.ct)
+    lse = p.xp.empty(p.x2.shape[0], p.ct) if return_lse else None
     p.run(loss=loss, lse=lse)
     out = p.reduce(loss)
     return (out, lse.reshape(p.lead)) if return_lse else out
@@ -143,7 +204,7 @@ def cross_entropy_with_grad(logits, targets, *, weight=None, ignore_index=-100,
     p = _Problem(logits, targets, weight, ignore_index, reduction, label_smoothing, z_loss,
                  softcap, logit_scale, normalizer, inplace=inplace)
     scale, rows = p.grad_factor(grad_output)
-    loss = np.empty(p.x2.shape[0], p.ct)
+    loss = p.xp.empty(p.x2.shape[0], p.ct)
     g2, g = p.new_grad(inplace)
     p.run(loss=loss, grad=g2, grad_scale=scale, grad_rows=rows)
     return p.reduce(loss), g
@@ -156,10 +217,10 @@ def cross_entropy_backward(logits, targets, lse, grad_output, *, weight=None,
     cross_entropy(..., return_lse=True) with the same options."""
     p = _Problem(logits, targets, weight, ignore_index, reduction, label_smoothing, z_loss,
                  softcap, logit_scale, normalizer)
-    lse = A.real_array(lse, "lse")
+    lse = A.real_array(lse, "lse", p.xp)
     if lse.shape != p.lead:
         raise ValueError(f"lse: expected shape {p.lead}, got {lse.shape}")
-    lse = np.require(lse.reshape(-1), p.ct, "CA")
+    lse = A.require(lse.reshape(-1), p.ct)
     scale, rows = p.grad_factor(grad_output)
     g2, g = p.new_grad(False)
     p.run(lse=lse, lse_given=True, grad=g2, grad_scale=scale, grad_rows=rows)

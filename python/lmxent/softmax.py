@@ -2,15 +2,16 @@
 
 The last axis is the fast path (rows viewed in place, any row stride); another
 axis is moved last, which copies. Outputs have the input's dtype; the
-log-sum-exp is float32 (float64 for float64 input)."""
-import numpy as np
-
+log-sum-exp is float32 (float64 for float64 input). NumPy arrays run on the CPU
+kernels, CuPy arrays on the CUDA kernels (on CuPy's current stream, returning
+CuPy arrays)."""
 from . import _arrays as A
 
 
 def _rows_along(x, axis, temperature):
-    """Validated (x, axis, 2-D rows of x with `axis` last, lead shape, 1/T)."""
+    """Validated (x, axis, 2-D rows of x with `axis` last, lead shape, 1/T, array module)."""
     x = A.as_float_array(x, "x")
+    xp = A.array_module(x)
     if x.ndim == 0:
         raise ValueError("x: expected at least 1 dimension, got a scalar")
     axis = A.integer(axis, "axis")  # one axis: None or a tuple is not supported
@@ -18,29 +19,29 @@ def _rows_along(x, axis, temperature):
         raise ValueError(f"axis {axis} is out of bounds for an array of {x.ndim} dimensions")
     axis %= x.ndim
     scale = 1.0 / A.positive(temperature, "temperature")
-    x2, lead = A.rows(np.moveaxis(x, axis, -1), "x")
-    return x, axis, x2, lead, scale
+    x2, lead = A.rows(xp.moveaxis(x, axis, -1), "x")
+    return x, axis, x2, lead, scale, xp
 
 
 def logsumexp(x, axis=-1, *, keepdims=False, temperature=1.0):
     """log(sum(exp(x / temperature))) along `axis`."""
-    x, axis, x2, lead, scale = _rows_along(x, axis, temperature)
-    lse = np.empty(x2.shape[0], A.compute_dtype(x.dtype))
+    x, axis, x2, lead, scale, xp = _rows_along(x, axis, temperature)
+    lse = xp.empty(x2.shape[0], A.compute_dtype(x.dtype))
     A.kernels(x).softmax(x2, None, lse, scale, False)
     lse = lse.reshape(lead)
-    return np.expand_dims(lse, axis) if keepdims else lse
+    return xp.expand_dims(lse, axis) if keepdims else lse
 
 
 def _softmax(x, axis, temperature, out, log):
-    x, axis, x2, lead, scale = _rows_along(x, axis, temperature)
+    x, axis, x2, lead, scale, xp = _rows_along(x, axis, temperature)
     if out is not None:
-        A.check_out(out, x.shape, x.dtype)
-    res = _direct_out(out, x2) if out is not None and axis == x.ndim - 1 else None
+        A.check_out(out, x.shape, x.dtype, xp=xp)
+    res = _direct_out(out, x2, xp) if out is not None and axis == x.ndim - 1 else None
     direct = res is not None
     if not direct:
-        res = np.empty(x2.shape, x.dtype)
+        res = xp.empty(x2.shape, x.dtype)
     A.kernels(x).softmax(x2, res, None, scale, log)
-    y = np.moveaxis(res.reshape(lead + (x.shape[axis],)), -1, axis)
+    y = xp.moveaxis(res.reshape(lead + (x.shape[axis],)), -1, axis)
     if out is None:
         return y
     if not direct:
@@ -48,7 +49,7 @@ def _softmax(x, axis, temperature, out, log):
     return out
 
 
-def _direct_out(out, x2):
+def _direct_out(out, x2, xp):
     """Rows of `out` the kernel can write into directly, or None (use a buffer):
     out's rows must be a view, and either not overlap the rows read (x2) or be
     exactly them (row by row in place); a partial overlap would let the kernel
@@ -57,8 +58,8 @@ def _direct_out(out, x2):
         res, _ = A.rows(out, "out", need_view=True)
     except ValueError:
         return None
-    if np.may_share_memory(res, x2) and not (
-            res.__array_interface__["data"][0] == x2.__array_interface__["data"][0]
+    if xp.may_share_memory(res, x2) and not (
+            A.data_ptr(res) == A.data_ptr(x2)
             and res.strides == x2.strides):  # shapes and dtypes match already
         return None
     return res

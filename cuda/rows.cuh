@@ -1,0 +1,389 @@
+// The row machinery shared by the CUDA op families (the counterpart of
+// cpp/cpu/rows.h): storage <-> compute types, 16-byte vector loads and
+// stores, the row walker, the per-thread online log-sum-exp accumulator, the
+// block reduction and the launch plan.
+//
+// A row (or a slice of one) is walked by one block: a scalar head up to the
+// first 16-byte boundary, 16-byte vectors (4 float, 8 half/bfloat16, 2 double)
+// four at a time per thread, a scalar tail. Pass 1 reads each logit once and
+// keeps an online LSE state per thread, merged across the block (lse_merge of
+// the contract); pass 2 reads the row again (from L2 for the rows in flight)
+// and writes the output, possibly over the input: each element is read and
+// written by the same thread, so in place needs no extra barrier.
+//
+// Indices are 64-bit throughout (rows * stride and columns beyond 2^31).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "kernels.h"
+#include "lmxent/contract.h"
+
+namespace lmxent {
+namespace cuda {
+
+constexpr int kMaxThreads = 512;
+constexpr int kMaxWarps = kMaxThreads / 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// ---- types -------------------------------------------------------------------
+
+// Storage type -> compute type: double for double, float for everything else.
+template <class T> struct Compute { typedef float type; };
+template <> struct Compute<double> { typedef double type; };
+
+__device__ __forceinline__ float to_c(float v) { return v; }
+__device__ __forceinline__ double to_c(double v) { return v; }
+__device__ __forceinline__ float to_c(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_c(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <class T> __device__ __forceinline__ T from_c(typename Compute<T>::type v);
+template <> __device__ __forceinline__ float from_c<float>(float v) { return v; }
+template <> __device__ __forceinline__ double from_c<double>(double v) { return v; }
+template <> __device__ __forceinline__ __half from_c<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_c<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// Accurate library functions (no fast-math: exp2f/expf/tanhf are within 2 ulp).
+__device__ __forceinline__ float exp2c(float x) { return exp2f(x); }
+__device__ __forceinline__ double exp2c(double x) { return exp2(x); }
+__device__ __forceinline__ float expc(float x) { return expf(x); }
+__device__ __forceinline__ double expc(double x) { return exp(x); }
+__device__ __forceinline__ float tanhc(float x) { return tanhf(x); }
+__device__ __forceinline__ double tanhc(double x) { return tanh(x); }
+// The max ignores NaN (fmax), so a NaN reaches the sum through exp instead.
+__device__ __forceinline__ float maxc(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double maxc(double a, double b) { return fmax(a, b); }
+
+template <class C> __host__ __device__ constexpr C inf() { return (C)INFINITY; }
+constexpr double kLog2e = 1.4426950408889634;
+
+// ---- the element transform (cpp/cpu/rows.h Tr, same rounding order) ----------
+// z = scale * x, then, with a softcap (SC), z = cap * tanh(z / cap). Pass 1
+// works on u = pre(x): x itself without a softcap (the scale is folded into
+// the exponent: k = scale * log2(e)), z with one (k = log2(e)).
+template <class C, bool SC>
+struct Tr {
+  C scale, cap, inv_cap, k;
+  double kz;  // z = kz * u
+  __device__ C z(C x) const {
+    C v = x * scale;
+    if (SC) v = cap * tanhc(v * inv_cap);
+    return v;
+  }
+  __device__ C pre(C x) const { return SC ? z(x) : x; }
+  __device__ C slope(C z) const {  // dz/dx, given z
+    if (!SC) return scale;
+    const C u = z * inv_cap;
+    return scale * ((C)1 - u * u);
+  }
+};
+
+template <class C, bool SC>
+inline Tr<C, SC> make_tr(const Transform& t) {
+  Tr<C, SC> r;
+  r.scale = (C)t.scale;
+  r.cap = (C)t.softcap;
+  r.inv_cap = t.softcap > 0 ? (C)(1.0 / t.softcap) : (C)0;
+  r.kz = SC ? 1.0 : (double)r.scale;
+  r.k = (C)(r.kz * kLog2e);
+  return r;
+}
+
+// z - lse for a double lse, as (z - hi) - lo (cpp/cpu/rows.h LseSplit): exact
+// near the max, so probabilities near 1 keep the double's accuracy.
+template <class C>
+struct LseSplit {
+  C hi, lo;
+  __device__ explicit LseSplit(double lse)
+      : hi((C)lse), lo(isfinite(lse) ? (C)(lse - (double)(C)lse) : (C)0) {}
+  __device__ C sub(C z) const { return (z - hi) - lo; }
+};
+
+// ---- 16-byte vectors -----------------------------------------------------------
+
+template <class T> struct VecOf { static constexpr int N = 16 / sizeof(T); };
+
+template <class T, int N>
+struct alignas(16) Pack {
+  T v[N];
+};
+
+// Pass 1 loads through L1 (plain ld.global: never the read-only path, the
+// kernel may write the same memory later in place); pass 2 loads and all
+// stores are marked streaming (evict first), so the rows still waiting for
+// their pass 2 keep their place in L2.
+template <bool Stream>
+__device__ __forceinline__ uint4 ld16(const void* p) {
+  if (Stream) return __ldcs(reinterpret_cast<const uint4*>(p));
+  return *reinterpret_cast<const uint4*>(p);
+}
+__device__ __forceinline__ void st16(void* p, uint4 v) { __stcs(reinterpret_cast<uint4*>(p), v); }
+
+template <class T, int N, class C>
+__device__ __forceinline__ void unpack(uint4 raw, C (&v)[N]) {
+  Pack<T, N> p;
+  memcpy(&p, &raw, 16);
+#pragma unroll
+  for (int i = 0; i < N; ++i) v[i] = to_c(p.v[i]);
+}
+template <class T, int N, class C>
+__device__ __forceinline__ uint4 pack(const C (&v)[N]) {
+  Pack<T, N> p;
+#pragma unroll
+  for (int i = 0; i < N; ++i) p.v[i] = from_c<T>(v[i]);
+  uint4 raw;
+  memcpy(&raw, &p, 16);
+  return raw;
+}
+
+// ---- the row walker --------------------------------------------------------------
+// Calls f(j, v) over this thread's share of the columns [c0, c1) of `in`, v a
+// C[K] array of consecutive values starting at column j (K = 1 or the vector
+// width). With Write, v (modified by f) is stored to the same columns of
+// `out`: vectorised only when in and out have the same offset from a 16-byte
+// boundary (else element by element, still correct). U vectors are loaded
+// before any is used (loads in flight); pass 2, whose per-element math needs
+// more registers, keeps 2.
+template <bool Write, class T, class F>
+__device__ __forceinline__ void row_walk(const T* in, T* out, int64_t c0, int64_t c1, F&& f) {
+  typedef typename Compute<T>::type C;
+  constexpr int N = VecOf<T>::N;
+  constexpr int U = Write ? 2 : 4;
+  const int64_t tid = threadIdx.x, nth = blockDim.x;
+  const int64_t n = c1 - c0;
+  if (n <= 0) return;
+  const T* ip = in + c0;
+  T* op = Write ? out + c0 : nullptr;
+  const uintptr_t ia = reinterpret_cast<uintptr_t>(ip);
+  // ia is a multiple of sizeof(T) (checked by the binding), so the head is whole elements.
+  int64_t head = (int64_t)(((16 - (ia & 15)) & 15) / sizeof(T));
+  const bool vec = !Write || ((reinterpret_cast<uintptr_t>(op) & 15) == (ia & 15));
+  if (!vec || head > n) head = n;
+  auto one = [&](int64_t j) {
+    C v[1] = {to_c(ip[j])};
+    f(c0 + j, v);
+    if (Write) op[j] = from_c<T>(v[0]);
+  };
+  for (int64_t j = tid; j < head; j += nth) one(j);
+  const int64_t nv = (n - head) / N;
+  const T* vp = ip + head;
+  T* wp = Write ? op + head : nullptr;
+  int64_t i = tid;
+  for (; i + (U - 1) * nth < nv; i += U * nth) {
+    uint4 raw[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) raw[u] = ld16<Write>(vp + (i + u * nth) * N);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      C v[N];
+      unpack<T>(raw[u], v);
+      f(c0 + head + (i + u * nth) * N, v);
+      if (Write) st16(wp + (i + u * nth) * N, pack<T>(v));
+    }
+  }
+  for (; i < nv; i += nth) {
+    C v[N];
+    unpack<T>(ld16<Write>(vp + i * N), v);
+    f(c0 + head + i * N, v);
+    if (Write) st16(wp + i * N, pack<T>(v));
+  }
+  for (int64_t j = head + nv * N + tid; j < n; j += nth) one(j);
+}
+
+// out[j] = value over [c0, c1) (zeros for an ignored row, NaN for a bad one):
+// stores only, 16 bytes at a time after a scalar head.
+template <class T>
+__device__ __forceinline__ void row_fill(T* out, int64_t c0, int64_t c1, typename Compute<T>::type value) {
+  typedef typename Compute<T>::type C;
+  constexpr int N = VecOf<T>::N;
+  const int64_t tid = threadIdx.x, nth = blockDim.x;
+  const int64_t n = c1 - c0;
+  if (n <= 0) return;
+  T* op = out + c0;
+  int64_t head = (int64_t)(((16 - (reinterpret_cast<uintptr_t>(op) & 15)) & 15) / sizeof(T));
+  if (head > n) head = n;
+  const T e = from_c<T>(value);
+  for (int64_t j = tid; j < head; j += nth) op[j] = e;
+  C v[N];
+#pragma unroll
+  for (int i = 0; i < N; ++i) v[i] = value;
+  const uint4 raw = pack<T>(v);
+  const int64_t nv = (n - head) / N;
+  for (int64_t i = tid; i < nv; i += nth) st16(op + head + i * N, raw);
+  for (int64_t j = head + nv * N + tid; j < n; j += nth) op[j] = e;
+}
+
+// ---- online log-sum-exp per thread -------------------------------------------------
+// In u space: s = sum exp2((u - m) k) with m the largest u seen (exactly 1 for
+// the max term, so lse >= max). The sums are kept in double (one add per
+// vector); with the spread-target sums ts = sum t_j and tz = sum t_j u_j of
+// cross-entropy. A NaN never becomes m (fmax skips it) but reaches s; with
+// m = +inf the sum means nothing (lse_final returns +inf) unless a NaN is met.
+template <class C>
+struct Acc {
+  C m;
+  double s, ts, tz;
+};
+template <class C>
+__device__ __forceinline__ Acc<C> acc_empty() { return {-inf<C>(), 0.0, 0.0, 0.0}; }
+
+template <class C, int K>
+__device__ __forceinline__ void acc_add(Acc<C>& a, const C (&u)[K], C k) {
+  C vm = u[0];
+#pragma unroll
+  for (int i = 1; i < K; ++i) vm = maxc(vm, u[i]);
+  if (vm > a.m) {
+    a.s *= (double)exp2c((a.m - vm) * k);  // 0 when a.m = -inf or vm = +inf; NaN stays
+    a.m = vm;
+  }
+  if (a.m < inf<C>()) {
+    const C sh = a.m == -inf<C>() ? (C)0 : a.m;  // no -inf - -inf
+    C part = 0;
+#pragma unroll
+    for (int i = 0; i < K; ++i) part += exp2c((u[i] - sh) * k);
+    a.s += (double)part;
+  } else {
+#pragma unroll
+    for (int i = 0; i < K; ++i)
+      if (u[i] != u[i]) a.s = (double)NAN;
+  }
+}
+
+// The exp of a merge: exp(kz (b.m - a.m)) = exp2((b.m - a.m) k), in C as the elements.
+template <class C>
+struct MergeExp {
+  C k;
+  __host__ __device__ double operator()(double d) const {
+#ifdef __CUDA_ARCH__
+    return (double)exp2c((C)d * k);
+#else
+    return ::exp2((double)(C)d * (double)k);
+#endif
+  }
+};
+
+template <class C>
+__device__ __forceinline__ Acc<C> acc_merge(const Acc<C>& a, const Acc<C>& b, C k) {
+  const LseState<double> r =
+      lse_merge(LseState<double>{(double)a.m, a.s}, LseState<double>{(double)b.m, b.s}, MergeExp<C>{k});
+  return {(C)r.m, r.s, a.ts + b.ts, a.tz + b.tz};
+}
+
+struct DLog {
+  __host__ __device__ double operator()(double v) const { return ::log(v); }
+};
+// The row's LSE of z = kz u, in double (lse_final of the contract).
+template <class C>
+__device__ __forceinline__ double acc_lse(const Acc<C>& a, double kz) {
+  return lse_final(LseState<double>{kz * (double)a.m, a.s}, DLog());
+}
+
+template <class C>
+__device__ __forceinline__ Acc<C> shfl_xor(const Acc<C>& a, int o) {
+  return {__shfl_xor_sync(kFullMask, a.m, o), __shfl_xor_sync(kFullMask, a.s, o),
+          __shfl_xor_sync(kFullMask, a.ts, o), __shfl_xor_sync(kFullMask, a.tz, o)};
+}
+
+// The block's merged state, valid in thread 0. blockDim.x is a multiple of 32;
+// every thread must call it; `sh` holds kMaxWarps states. Ends with a barrier,
+// so the caller may reuse `sh` right after.
+template <class C>
+__device__ Acc<C> block_reduce(Acc<C> a, C k, Acc<C>* sh) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) a = acc_merge(a, shfl_xor(a, o), k);
+  if (lane == 0) sh[warp] = a;
+  __syncthreads();
+  if (warp == 0) {
+    a = lane < nwarps ? sh[lane] : acc_empty<C>();
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) a = acc_merge(a, shfl_xor(a, o), k);
+  }
+  __syncthreads();
+  return a;
+}
+
+// ---- split rows: partial states in scratch ------------------------------------------
+
+struct Part {  // one block's pass-1 result over its slice, u space
+  double m, s, ts, tz;
+};
+template <class C>
+__device__ __forceinline__ Part to_part(const Acc<C>& a) { return {(double)a.m, a.s, a.ts, a.tz}; }
+template <class C>
+__device__ __forceinline__ Acc<C> from_part(const Part& p) { return {(C)p.m, p.s, p.ts, p.tz}; }
+
+// The merged state of a split row from its S parts (all threads call it).
+template <class C>
+__device__ Acc<C> merge_parts(const Part* parts, int S, C k, Acc<C>* sh) {
+  Acc<C> a = acc_empty<C>();
+  for (int i = threadIdx.x; i < S; i += blockDim.x) a = acc_merge(a, from_part<C>(parts[i]), k);
+  return block_reduce(a, k, sh);
+}
+
+// ---- launch plan ------------------------------------------------------------------
+
+// Rows are split across blocks when they are fewer than the multiprocessors
+// and long: about 2 blocks per multiprocessor, slices of at least kMinSlice
+// columns (whole 16-byte vectors). Otherwise one block per row (grid-stride
+// over rows). Threads: about 4 vectors each, 32 to kMaxThreads.
+constexpr int64_t kMinSlice = 4096;
+constexpr int kMaxSplit = 1024;
+constexpr int64_t kMaxGrid = (int64_t)1 << 30;
+
+struct Plan {
+  int threads;
+  int split;             // blocks per row (1: no split)
+  int64_t slice;         // columns per block when split
+  unsigned grid_rows;    // grid.x: blocks over rows (grid-stride beyond)
+};
+
+inline Plan make_plan(int64_t rows, int64_t cols, int item, int sm_count) {
+  Plan p;
+  p.split = 1;
+  p.slice = cols;
+  if (rows < sm_count && cols >= 2 * kMinSlice) {
+    int64_t s = (2 * (int64_t)sm_count + rows - 1) / rows;
+    if (s > cols / kMinSlice) s = cols / kMinSlice;
+    if (s > kMaxSplit) s = kMaxSplit;
+    if (s > 1) {
+      const int64_t per_vec = 16 / item;
+      p.split = (int)s;
+      p.slice = ((cols + s - 1) / s + per_vec - 1) / per_vec * per_vec;
+      p.split = (int)((cols + p.slice - 1) / p.slice);  // no empty slice
+    }
+  }
+  const int64_t vecs = (p.slice * item + 15) / 16;
+  int64_t t = ((vecs + 3) / 4 + 31) / 32 * 32;
+  p.threads = (int)(t < 32 ? 32 : t > kMaxThreads ? kMaxThreads : t);
+  p.grid_rows = (unsigned)(rows < kMaxGrid ? rows : kMaxGrid);
+  return p;
+}
+
+// Scratch layout of a split call: rows * split parts, then rows doubles
+// (cross-entropy: the target logit, saved before pass 2 may overwrite it).
+inline size_t parts_bytes(const Plan& p, int64_t rows) {
+  return p.split > 1 ? (size_t)rows * (size_t)p.split * sizeof(Part) : 0;
+}
+
+inline int64_t item_size(DType d) { return d == DType::F64 ? 8 : d == DType::F32 ? 4 : 2; }
+
+// Calls f((T*)nullptr) with the storage type of a dtype.
+template <class F>
+inline void with_dtype(DType dt, F&& f) {
+  switch (dt) {
+    case DType::F32: f((float*)nullptr); break;
+    case DType::F64: f((double*)nullptr); break;
+    case DType::F16: f((__half*)nullptr); break;
+    case DType::BF16: f((__nv_bfloat16*)nullptr); break;
+  }
+}
+
+}  // namespace cuda
+}  // namespace lmxent

@@ -1,0 +1,615 @@
+"""The CuPy path: lmxent's functions on CuPy arrays against lmxent.reference.
+
+Every test runs with two array modules (the `xp` fixture):
+
+- ``cupy``: real CuPy arrays on a GPU, through the CUDA kernels of lmxent._cuda
+  (skipped when CuPy, a GPU or the CUDA build is missing);
+- ``fakecupy``: a NumPy-backed stand-in with the part of CuPy's surface the
+  Python layer may use. It refuses implicit conversion to NumPy like CuPy, its
+  "kernels" are the CPU kernels behind a check that every array argument is a
+  device array, and it emulates the CUDA kernels' out-of-range class-id record.
+  It runs on any machine and checks the Python layer's device path: dispatch,
+  denominators and grad_output factors computed on the device, validation, and
+  the number of host round trips (device -> host reads) per call.
+
+Also here: the error a CuPy array gets when the CUDA backend is missing.
+"""
+import operator
+import sys
+import types
+
+import numpy as np
+import pytest
+
+import lmxent as lx
+from lmxent import _arrays as A
+from lmxent import _cpu
+from lmxent import reference as ref
+
+from conftest import (BF16, F16, F32, F64, assert_grad_close, assert_loss_close, dtype_id,
+                      grad_scale, loss_dtype)
+from test_cross_entropy import (OPTION_CASES, build_case, grad_output_for, make_ids, make_logits,
+                                make_probs)
+from test_softmax import EXTREME_ROWS, PLUS_INF_ROWS, _extreme, assert_matches_reference
+
+FNS = ["logsumexp", "log_softmax", "softmax"]
+DTYPES = [F32, F64, F16] + ([BF16] if BF16 is not None else [])
+DTYPE_IDS = [dtype_id(d) for d in DTYPES]
+
+
+# ------------------------------------------------------------- the fake CuPy
+
+class FakeArray:
+    """A device array: NumPy storage, no implicit conversion, host reads counted."""
+
+    reads = 0  # device -> host reads (get, int, float, bool, str) since the last reset
+
+    def __init__(self, a):
+        self._a = a
+
+    shape = property(lambda s: s._a.shape)
+    ndim = property(lambda s: s._a.ndim)
+    dtype = property(lambda s: s._a.dtype)
+    size = property(lambda s: s._a.size)
+    itemsize = property(lambda s: s._a.itemsize)
+    nbytes = property(lambda s: s._a.nbytes)
+    strides = property(lambda s: s._a.strides)
+    flags = property(lambda s: s._a.flags)
+    data = property(lambda s: types.SimpleNamespace(ptr=s._a.__array_interface__["data"][0]))
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError("Implicit conversion to a NumPy array is not allowed. "
+                        "Please use `.get()` to construct a NumPy array explicitly.")
+
+    def _read(self):
+        FakeArray.reads += 1
+        return self._a
+
+    def get(self):
+        return self._read().copy()
+
+    def __int__(self):
+        return int(self._read())
+
+    def __float__(self):
+        return float(self._read())
+
+    def __bool__(self):
+        return bool(self._read())
+
+    def __format__(self, spec):
+        return format(self._read(), spec)
+
+    def __len__(self):
+        return len(self._a)
+
+    def __getitem__(self, i):
+        return _wrap(self._a[_unwrap(i)])
+
+    def __setitem__(self, i, v):
+        self._a[_unwrap(i)] = _unwrap(v)
+
+    def reshape(self, *shape):
+        return _wrap(self._a.reshape(*shape))
+
+    def astype(self, dtype, copy=True):
+        return _wrap(self._a.astype(dtype, copy=copy))
+
+    def copy(self, order="C"):
+        return _wrap(self._a.copy(order=order))
+
+    def sum(self, axis=None, dtype=None):
+        return _wrap(self._a.sum(axis=axis, dtype=dtype))
+
+    def any(self):
+        return _wrap(self._a.any())
+
+    def all(self):
+        return _wrap(self._a.all())
+
+
+FakeArray.__module__ = "cupy"  # what lmxent._arrays._is_cupy looks at
+for _name, _op in [("eq", operator.eq), ("ne", operator.ne), ("lt", operator.lt),
+                   ("le", operator.le), ("gt", operator.gt), ("ge", operator.ge),
+                   ("and", operator.and_), ("or", operator.or_), ("add", operator.add),
+                   ("sub", operator.sub), ("mul", operator.mul), ("truediv", operator.truediv)]:
+    setattr(FakeArray, f"__{_name}__", lambda s, o, op=_op: _wrap(op(s._a, _unwrap(o))))
+    setattr(FakeArray, f"__r{_name}__", lambda s, o, op=_op: _wrap(op(_unwrap(o), s._a)))
+FakeArray.__invert__ = lambda s: _wrap(~s._a)
+FakeArray.__neg__ = lambda s: _wrap(-s._a)
+
+
+def _unwrap(v):
+    if isinstance(v, FakeArray):
+        return v._a
+    if isinstance(v, (tuple, list)):
+        return type(v)(_unwrap(e) for e in v)
+    return v
+
+
+def _wrap(v):
+    return FakeArray(np.asarray(v)) if isinstance(v, (np.ndarray, np.generic)) else v
+
+
+def _fake_fn(fn):
+    return lambda *args, **kw: _wrap(fn(*_unwrap(args), **{k: _unwrap(v) for k, v in kw.items()}))
+
+
+def _fake_asarray(a, dtype=None):
+    if isinstance(a, FakeArray):
+        return a if dtype is None else a.astype(dtype, copy=False)
+    if type(a).__module__.split(".")[0] == "cupy":  # a real CuPy array: a bug in the test
+        raise TypeError("real cupy array given to fakecupy")
+    return FakeArray(np.array(a, dtype=dtype))  # a host -> device copy
+
+
+class _FakeDevice:
+    def __init__(self, device=None):
+        self.id = 0 if device is None else int(device)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def make_fake_cupy():
+    m = types.ModuleType("cupy")
+    m.ndarray = FakeArray
+    m.asarray = _fake_asarray
+    m.asnumpy = lambda a: a.get()
+    for name in ("empty", "zeros", "full", "where", "stack", "count_nonzero", "clip",
+                 "isfinite", "argmax", "moveaxis", "expand_dims", "broadcast_to",
+                 "ascontiguousarray"):
+        setattr(m, name, _fake_fn(getattr(np, name)))
+    m.may_share_memory = lambda a, b: np.may_share_memory(_unwrap(a), _unwrap(b))
+    m.cuda = types.SimpleNamespace(
+        Device=_FakeDevice, get_current_stream=lambda: types.SimpleNamespace(ptr=0))
+    return m
+
+
+class FakeCuda:
+    """lmxent._cuda's signatures over the CPU kernels. Every array argument must be
+    a device array. Out-of-range class ids are handled as the CUDA kernels do:
+    never used, the row's loss and gradient NaN, the row recorded."""
+
+    def __init__(self):
+        self.bad = []
+
+    @staticmethod
+    def _host(*arrays):
+        for a in arrays:
+            assert a is None or isinstance(a, FakeArray), f"host array {type(a)} sent to a kernel"
+        return [None if a is None else a._a for a in arrays]
+
+    def softmax(self, x, out, lse, scale, log):
+        _cpu.softmax(*self._host(x, out, lse), scale, log)
+
+    def cross_entropy(self, logits, targets, probs, class_weight, ignore_index, scale, softcap,
+                      smoothing, z_loss, loss, lse, lse_given, grad, grad_scale, grad_rows):
+        x, t, q, w, lo, ls, g, gr = self._host(logits, targets, probs, class_weight, loss, lse,
+                                               grad, grad_rows)
+        bad = None
+        if t is not None:
+            bad = (t != ignore_index) & ((t < 0) | (t >= x.shape[1]))
+            self.bad += list(np.flatnonzero(bad))
+            t = np.where(bad, ignore_index, t)
+        _cpu.cross_entropy(x, t, q, w, ignore_index, scale, softcap, smoothing, z_loss, lo, ls,
+                           lse_given, g, grad_scale, gr)
+        if bad is not None and bad.any():
+            if lo is not None:
+                lo[bad] = np.nan
+            if g is not None:
+                g[bad] = np.nan
+
+    def take_status(self, device, stream):
+        count, first = len(self.bad), min(self.bad, default=None)
+        self.bad = []
+        return count, None if first is None else int(first)
+
+
+# ------------------------------------------------------------------ fixtures
+
+def _real_cupy():
+    """(cupy, None) when CuPy, a GPU and lmxent._cuda are all here, else (None, why)."""
+    try:
+        import cupy
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return None, "no GPU"
+    except Exception as e:  # ImportError, or CUDARuntimeError without a driver
+        return None, f"CuPy unusable: {e}"
+    try:
+        from lmxent import _cuda  # noqa: F401
+    except ImportError:
+        return None, "lmxent was built without the CUDA backend"
+    return cupy, None
+
+
+@pytest.fixture(params=["fakecupy", "cupy"])
+def xp(request, monkeypatch):
+    """The device array module; lmxent's CUDA backend is the matching one."""
+    if request.param == "cupy":
+        cupy, why = _real_cupy()
+        if cupy is None:
+            pytest.skip(why)
+        yield cupy
+        return
+    fake = make_fake_cupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(A, "_CUDA", A._CudaKernels(FakeCuda()))
+    yield fake
+
+
+@pytest.fixture
+def deferred():
+    previous = A.set_cuda_validation("deferred")
+    try:
+        yield
+    finally:
+        A.set_cuda_validation(previous)
+
+
+def host(a):
+    """A device result as a NumPy array (0-d arrays stay arrays)."""
+    assert type(a).__module__.split(".")[0] == "cupy", f"expected a device array, got {type(a)}"
+    return a.get()
+
+
+# ------------------------------------------------------------ softmax family
+
+# One block per row (more rows than any GPU has multiprocessors, or short rows),
+# and few long rows split across blocks.
+SOFTMAX_SHAPES = [(7, 5), (4, 3000), (300, 9001), (3, 70001), (2, 262144), (1, 1 << 20)]
+
+
+@pytest.mark.parametrize("shape", SOFTMAX_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_softmax_family(xp, dtype, shape, rng):
+    if shape[1] > 100000 and dtype not in (F32, BF16):
+        pytest.skip("long rows: float32 and bfloat16 are enough")
+    x = (3.0 * rng.standard_normal(shape)).astype(dtype)
+    x[:, -1] = 20.0  # the last slice matters
+    x[0, shape[1] // 2 + 1] = 21.0  # and one in the middle
+    d = xp.asarray(x)
+    for fn in FNS:
+        y = getattr(lx, fn)(d, temperature=0.8)
+        assert_matches_reference(fn, host(y), x, dtype, what=f"{fn} {shape}", temperature=0.8)
+
+
+@pytest.mark.parametrize("V", [5, 3000, 70000])
+@pytest.mark.parametrize("dtype", [F32, F64, BF16] if BF16 is not None else [F32, F64],
+                         ids=dtype_id)
+def test_softmax_extreme_values(xp, dtype, V, rng):
+    """+-1e4, -inf, all -inf, NaN and +inf rows, element by element."""
+    x = _extreme(EXTREME_ROWS + PLUS_INF_ROWS, V, dtype, rng)
+    d = xp.asarray(x)
+    for fn in FNS:
+        assert_matches_reference(fn, host(getattr(lx, fn)(d)), x, dtype, what=f"{fn} extreme")
+
+
+@pytest.mark.parametrize("fn", ["log_softmax", "softmax"])
+def test_softmax_out_inplace_strided_and_axis(xp, fn, rng):
+    x = rng.standard_normal((6, 1001)).astype(np.float32)
+    expected = getattr(lx, fn)(x)
+    # out= a column slice of a wider device array: rows strided, the rest untouched
+    big = xp.asarray(np.full((6, 1100), 7.0, np.float32))
+    out = big[:, 50:1051]
+    assert getattr(lx, fn)(xp.asarray(x), out=out) is out
+    assert_matches_reference(fn, host(out), x, F32)
+    b = host(big)
+    assert (b[:, :50] == 7.0).all() and (b[:, 1051:] == 7.0).all()
+    # in place: out is x
+    d = xp.asarray(x)
+    assert getattr(lx, fn)(d, out=d) is d
+    np.testing.assert_allclose(host(d), expected, rtol=1e-5, atol=1e-6)
+    # another axis (moved last, copied)
+    assert_matches_reference(fn, host(getattr(lx, fn)(xp.asarray(x), axis=0)), x, F32, axis=0)
+    lse = lx.logsumexp(xp.asarray(x), axis=0, keepdims=True)
+    assert lse.shape == (1, 1001)
+    assert_matches_reference("logsumexp", host(lse), x, F32, axis=0, keepdims=True)
+
+
+def test_softmax_out_must_be_a_device_array(xp):
+    with pytest.raises(TypeError, match="out: expected a CuPy array, got ndarray"):
+        lx.softmax(xp.asarray(np.zeros((2, 3), np.float32)), out=np.zeros((2, 3), np.float32))
+
+
+def test_softmax_empty_batch(xp):
+    for shape in ((0, 5), (2, 0, 7)):
+        d = xp.asarray(np.zeros(shape, np.float32))
+        assert lx.logsumexp(d).shape == shape[:-1]
+        assert lx.softmax(d).shape == shape
+
+
+# ------------------------------------------------------------- cross-entropy
+
+def check_all(xp, x, t, *, grad_output=1.0, **opts):
+    """Forward (with the LSE), loss only, fused loss + gradient, in place, and the
+    backward from the LSE, all on device arrays, against the reference on the same
+    rounded inputs. Host option arrays (weight, grad_output) are used as given."""
+    dt = x.dtype
+    x64 = x.astype(np.float64)
+    r_loss, r_lse = ref.cross_entropy(x64, t, return_lse=True, **opts)
+    r_grad = ref.cross_entropy_backward(x64, t, r_lse, grad_output, **opts)
+    gs = grad_scale(x.shape, t, r_lse, grad_output, **opts)
+    dx, dtg = xp.asarray(x), xp.asarray(t)
+
+    loss, lse = lx.cross_entropy(dx, dtg, return_lse=True, **opts)
+    assert loss.dtype == loss_dtype(dt) and lse.dtype == loss_dtype(dt)
+    assert_loss_close(host(loss), r_loss, dt)
+    assert_loss_close(host(lse), r_lse, dt, what="lse")
+    np.testing.assert_array_equal(host(lx.cross_entropy(dx, dtg, **opts)), host(loss))
+
+    loss2, grad = lx.cross_entropy_with_grad(dx, dtg, grad_output=grad_output, **opts)
+    np.testing.assert_array_equal(host(loss2), host(loss))
+    assert grad.dtype == dt and grad.shape == x.shape
+    assert_grad_close(host(grad), r_grad, dt, gscale=gs, what="with_grad")
+    np.testing.assert_array_equal(host(dx).astype(np.float64), x64)  # not in place
+
+    gb = lx.cross_entropy_backward(dx, dtg, lse, grad_output, **opts)
+    assert_grad_close(host(gb), r_grad, dt, gscale=gs, what="backward")
+
+    di = xp.asarray(x)
+    loss3, gi = lx.cross_entropy_with_grad(di, dtg, grad_output=grad_output, inplace=True, **opts)
+    assert gi is di
+    np.testing.assert_array_equal(host(loss3), host(loss))
+    # compared as float64: NaN-aware for bfloat16 too
+    np.testing.assert_array_equal(host(gi).astype(np.float64), host(grad).astype(np.float64))
+    return host(loss), host(grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", list(OPTION_CASES))
+def test_ce_options(xp, rng, name, dtype):
+    x, t, opts = build_case(rng, name, (3, 5), 301, dtype)
+    check_all(xp, x, t, grad_output=grad_output_for(rng, opts.get("reduction", "mean"), t.shape),
+              **opts)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["float32", "float64"])
+@pytest.mark.parametrize("opts", [{}, {"label_smoothing": 0.1, "weight": "W"},
+                                  {"z_loss": 1e-3, "softcap": 5.0, "normalizer": 3.0}],
+                         ids=["plain", "smooth_weight", "zloss_softcap_normalizer"])
+def test_ce_probability_targets(xp, rng, dtype, opts):
+    V = 257
+    opts = dict(opts)
+    if opts.get("weight") == "W":
+        opts["weight"] = xp.asarray(rng.uniform(0.2, 2.0, V))  # a device weight
+    x, _ = make_logits(rng, (2, 5, V), dtype)
+    q = make_probs(rng, x.shape, zero_frac=0.3).astype(loss_dtype(dtype))
+    host_opts = {k: host(v) if k == "weight" else v for k, v in opts.items()}
+    x64 = x.astype(np.float64)
+    r_loss, r_grad = ref.cross_entropy_with_grad(x64, q, **host_opts)
+    loss, grad = lx.cross_entropy_with_grad(xp.asarray(x), xp.asarray(q), **opts)
+    assert_loss_close(host(loss), r_loss, dtype)
+    assert_grad_close(host(grad), r_grad, dtype)
+
+
+@pytest.mark.parametrize("shape", [(2, 262144), (1, 1 << 20), (5, 70001), (300, 9001)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", [F32] + ([BF16] if BF16 is not None else []), ids=dtype_id)
+def test_ce_long_rows(xp, rng, dtype, shape):
+    """Few long rows are split across blocks: partial states merged, the target's
+    logit saved before the in-place gradient overwrites it, every slice written
+    (targets at both ends and in the middle). Many rows: one block each."""
+    n, V = shape
+    x, _ = make_logits(rng, shape, dtype, scale=4.0)
+    t = make_ids(rng, (n,), V)
+    t[:3] = [0, V - 1, V // 2 + 1][:n]
+    x[np.arange(n), t] = 12.0
+    check_all(xp, x, t, reduction="none", grad_output=rng.normal(size=n))
+    check_all(xp, x, t, label_smoothing=0.1, z_loss=1e-3, weight=rng.uniform(0.5, 1.5, V))
+
+
+@pytest.mark.parametrize("V", [1, 2, 7, 31, 50257])
+def test_ce_vocab_sizes(xp, rng, V):
+    x, _ = make_logits(rng, (6, V), F32)
+    check_all(xp, x, make_ids(rng, (6,), V), label_smoothing=0.1, reduction="none")
+
+
+@pytest.mark.parametrize("dtype", [F32] + ([BF16] if BF16 is not None else []), ids=dtype_id)
+def test_ce_strided_unaligned_rows_without_copy(xp, rng, dtype):
+    """Rows of a wider array starting 3 elements in (not on a 16-byte boundary: a
+    scalar head before the vectors), gradient written in place."""
+    big, _ = make_logits(rng, (8, 3000), dtype)
+    dbig = xp.asarray(big)
+    t = make_ids(rng, (8,), 2500, kind="ignored")
+    x64 = big[:, 3:2503].astype(np.float64)
+    r_loss, r_grad = ref.cross_entropy_with_grad(x64, t, label_smoothing=0.1)
+    loss, g = lx.cross_entropy_with_grad(dbig[:, 3:2503], xp.asarray(t), inplace=True,
+                                         label_smoothing=0.1)
+    assert g.data.ptr == dbig.data.ptr + 3 * big.itemsize  # written into the wider array
+    assert_loss_close(host(loss), r_loss, dtype)
+    assert_grad_close(host(dbig)[:, 3:2503], r_grad, dtype)
+    rest = np.r_[0:3, 2503:3000]
+    np.testing.assert_array_equal(host(dbig)[:, rest].astype(np.float64),
+                                  big[:, rest].astype(np.float64))
+
+
+@pytest.mark.parametrize("opts", [{}, {"weight": "W"}, {"label_smoothing": 0.1, "z_loss": 0.1}],
+                         ids=["plain", "weighted", "smooth_zloss"])
+def test_ce_all_ignored_mean_is_zero(xp, rng, opts):
+    """The "mean" denominator (counted on the device) is 0: loss 0, gradient 0."""
+    V = 20
+    opts = dict(opts)
+    if opts.get("weight") == "W":
+        opts["weight"] = rng.uniform(0.5, 2.0, V)
+    x, _ = make_logits(rng, (6, V), F32)
+    t = np.full(6, -100)
+    loss, g = lx.cross_entropy_with_grad(xp.asarray(x), xp.asarray(t), **opts)
+    assert loss.shape == () and float(host(loss)) == 0.0
+    assert (host(g) == 0).all()
+
+
+def test_ce_empty_batch(xp):
+    x = xp.asarray(np.zeros((0, 11), np.float32))
+    t = xp.asarray(np.zeros(0, np.int64))
+    loss, g = lx.cross_entropy_with_grad(x, t)
+    assert float(host(loss)) == 0.0 and g.shape == (0, 11)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_ce_device_grad_output(xp, rng, reduction):
+    """grad_output as a device array (0-d, or per token for 'none') stays on the device."""
+    x, t, opts = build_case(rng, "smoothing_weight", (4, 6), 45, F32)
+    go = np.asarray(0.7) if reduction != "none" else rng.normal(size=(4, 1))
+    r = ref.cross_entropy_with_grad(x.astype(np.float64), t, grad_output=go,
+                                    reduction=reduction, **opts)[1]
+    _, g = lx.cross_entropy_with_grad(xp.asarray(x), xp.asarray(t), grad_output=xp.asarray(go),
+                                      reduction=reduction, **opts)
+    assert_grad_close(host(g), r, F32)
+
+
+@pytest.mark.parametrize("dtype", [F32] + ([BF16] if BF16 is not None else []), ids=dtype_id)
+@pytest.mark.parametrize("where", ["target", "other", "tail"])
+def test_ce_nan_stays_in_its_row(xp, rng, dtype, where):
+    V = 203
+    x, _ = make_logits(rng, (5, V), dtype)
+    t = make_ids(rng, (5,), V)
+    t[3] = -100
+    x[1, {"target": t[1], "other": (t[1] + 1) % V, "tail": V - 1}[where]] = np.nan
+    loss, g = check_all(xp, x, t, reduction="none", label_smoothing=0.1)
+    assert np.isnan(loss[1]) and np.isnan(g[1].astype(np.float64)).all()
+    assert np.isfinite(np.delete(loss, 1)).all()
+
+
+def test_ce_masked_vocabulary(xp, rng):
+    x, _ = make_logits(rng, (6, 203), F32)
+    t = make_ids(rng, (6,), 100)
+    x[:, 100:150] = -np.inf
+    loss, g = check_all(xp, x, t, reduction="none")
+    assert np.isfinite(loss).all() and (g[:, 100:150] == 0).all()
+
+
+def test_ce_host_arguments_are_copied_to_the_device(xp, rng):
+    x, t, opts = build_case(rng, "all_none", (2, 3), 40, F32)
+    expected = lx.cross_entropy_with_grad(x, t, **opts)
+    loss, g = lx.cross_entropy_with_grad(xp.asarray(x), t.tolist(), **opts)  # list, NumPy weight
+    assert_loss_close(host(loss), expected[0], F32)
+    assert_grad_close(host(g), expected[1], F32)
+    with pytest.raises(TypeError, match="targets: a CuPy array, but the logits are a NumPy array"):
+        lx.cross_entropy(x, xp.asarray(t))
+
+
+# ----------------------------------------------------- class-id validation
+
+@pytest.mark.parametrize("fn", ["cross_entropy", "cross_entropy_with_grad"])
+def test_ce_bad_target_raises_before_any_write(xp, rng, fn):
+    x, _ = make_logits(rng, (2, 3, 10), F32)
+    t = make_ids(rng, (2, 3), 10)
+    t[1, 2] = 10
+    d = xp.asarray(x)
+    kw = {"inplace": True} if fn == "cross_entropy_with_grad" else {}
+    with pytest.raises(ValueError, match=r"value 10 at position \(1, 2\) is out of range"):
+        getattr(lx, fn)(d, xp.asarray(t), **kw)
+    np.testing.assert_array_equal(host(d), x)  # the in-place logits are untouched
+    w = rng.uniform(0.5, 1.5, 10)
+    w[3] = np.inf
+    with pytest.raises(ValueError, match="weight: contains a non-finite value"):
+        lx.cross_entropy(d, xp.asarray(make_ids(rng, (2, 3), 10)), weight=xp.asarray(w))
+
+
+@pytest.mark.parametrize("tdtype", [np.int64, np.uint64])
+def test_ce_deferred_validation(xp, rng, deferred, tdtype):
+    """Deferred: no check before the launch; the bad row's loss and gradient are NaN
+    (no out-of-bounds read), the other rows right, and check_cuda_errors raises once."""
+    V = 50
+    x, _ = make_logits(rng, (4, V), F32)
+    t = make_ids(rng, (4,), V).astype(tdtype)
+    t[2] = 2**63 + 5 if tdtype == np.uint64 else V + 7
+    A.check_cuda_errors()  # a clean record
+    loss, g = lx.cross_entropy_with_grad(xp.asarray(x), xp.asarray(t), reduction="none")
+    loss, g = host(loss), host(g)
+    assert np.isnan(loss[2]) and np.isnan(g[2]).all()
+    ok = [0, 1, 3]
+    r_loss, r_grad = ref.cross_entropy_with_grad(x[ok].astype(np.float64), t[ok].astype(np.int64),
+                                                 reduction="none")
+    assert_loss_close(loss[ok], r_loss, F32)
+    assert_grad_close(g[ok], r_grad, F32)
+    with pytest.raises(ValueError, match=r"1 class id\(s\) out of range .* at row 2 "):
+        A.check_cuda_errors()
+    A.check_cuda_errors()  # cleared
+
+
+# ----------------------------------------------------- host round trips
+
+def test_host_round_trips(monkeypatch, rng):
+    """The device path reads nothing back, except one read per cross-entropy call
+    for the eager class-id and weight checks (none when deferred)."""
+    monkeypatch.setitem(sys.modules, "cupy", make_fake_cupy())
+    monkeypatch.setattr(A, "_CUDA", A._CudaKernels(FakeCuda()))
+    x, t, opts = build_case(rng, "smoothing_weight", (3, 4), 50, F32)
+    dx, dt, w = _fake_asarray(x), _fake_asarray(t), _fake_asarray(opts.pop("weight"))
+
+    def reads(f):
+        FakeArray.reads = 0
+        f()
+        return FakeArray.reads
+
+    for fn in FNS:
+        assert reads(lambda: getattr(lx, fn)(dx)) == 0, fn
+    calls = {
+        "cross_entropy": lambda: lx.cross_entropy(dx, dt, weight=w, **opts),
+        "with_grad": lambda: lx.cross_entropy_with_grad(dx, dt, weight=w, **opts),
+        "backward": lambda: lx.cross_entropy_backward(
+            dx, dt, lx.cross_entropy(dx, dt, weight=w, reduction="none", return_lse=True,
+                                     **opts)[1], 1.0, weight=w, **opts),
+    }
+    for name, f in calls.items():
+        assert reads(f) == (2 if name == "backward" else 1), name
+    previous = A.set_cuda_validation("deferred")
+    try:
+        for name, f in calls.items():
+            assert reads(f) == 0, name
+    finally:
+        A.set_cuda_validation(previous)
+
+
+# ----------------------------------------------------- GPU only
+
+def test_cuda_stream_and_bfloat16(rng):
+    """On a non-default CuPy stream, in bfloat16 (CuPy >= 14): the result is right
+    without any synchronisation by the caller before reading on that stream."""
+    cupy, why = _real_cupy()
+    if cupy is None:
+        pytest.skip(why)
+    if BF16 is None:
+        pytest.skip("ml_dtypes not installed")
+    x, _ = make_logits(rng, (64, 32000), BF16)
+    t = make_ids(rng, (64,), 32000, kind="ignored")
+    r_loss, r_grad = ref.cross_entropy_with_grad(x.astype(np.float64), t)
+    with cupy.cuda.Stream(non_blocking=True):
+        loss, g = lx.cross_entropy_with_grad(cupy.asarray(x), cupy.asarray(t))
+        loss, g = loss.get(), g.get()
+    assert_loss_close(loss, r_loss, BF16)
+    assert_grad_close(g, r_grad, BF16)
+
+
+# ----------------------------------------------------- without the backend
+
+def test_missing_cuda_backend_is_a_clear_error(monkeypatch):
+    """A CuPy array without lmxent._cuda (or without CuPy) is a TypeError saying so."""
+
+    class CupyLike:
+        __module__ = "cupy"
+        shape = (2, 5)
+
+    monkeypatch.setattr(A, "_CUDA", None)
+    monkeypatch.setitem(sys.modules, "lmxent._cuda", None)  # import fails
+    for fn in FNS:
+        with pytest.raises(TypeError, match=r"CuPy arrays need the CUDA backend \(lmxent._cuda\)"):
+            getattr(lx, fn)(CupyLike())
+    with pytest.raises(TypeError, match="CuPy arrays need the CUDA backend"):
+        lx.cross_entropy(CupyLike(), np.zeros(2, np.int64))
+    monkeypatch.setattr(A, "_CUDA", None)
+    monkeypatch.setitem(sys.modules, "lmxent._cuda", types.ModuleType("lmxent._cuda"))
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    with pytest.raises(TypeError, match="CuPy arrays need the CUDA backend, which needs CuPy"):
+        lx.softmax(CupyLike())
+
+
+def test_op_without_cuda_kernel_is_a_clear_error():
+    k = A._CudaKernels(types.ModuleType("lmxent._cuda"))
+    with pytest.raises(TypeError, match="token_stats has no CUDA kernel yet"):
+        k.token_stats
