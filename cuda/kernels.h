@@ -24,9 +24,12 @@ struct Launch {
 // states meet in scratch.
 size_t softmax_scratch(const SoftmaxArgs& a, int sm_count);
 size_t cross_entropy_scratch(const CEArgs& a, int sm_count);
+size_t token_stats_scratch(const TokenStatsArgs& a, int sm_count);
 
 int softmax(const SoftmaxArgs& a, const Launch& l);
 int cross_entropy(const CEArgs& a, const Launch& l);
+int token_stats(const TokenStatsArgs& a, const Launch& l);
+int kl_divergence(const KLArgs& a, const Launch& l);  // one block per row: no scratch
 
 // The cross-entropy kernels never read out of bounds: a class id outside
 // [0, V) that is not ignore_index gives its row a NaN loss and gradient and is
@@ -34,6 +37,9 @@ int cross_entropy(const CEArgs& a, const Launch& l);
 // current device (count of such rows, smallest row index + 1, 0 if none) to
 // host memory on `stream`, waits for it, and clears it.
 int take_status(void* stream, unsigned long long* count, unsigned long long* first_row);
+// The same for token_stats, whose kernels give such a row a NaN logprob and
+// rank -1 and keep their own record.
+int take_token_stats_status(void* stream, unsigned long long* count, unsigned long long* first_row);
 
 }  // namespace cuda
 }  // namespace lmxent

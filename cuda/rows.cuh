@@ -385,5 +385,241 @@ inline void with_dtype(DType dt, F&& f) {
   }
 }
 
+
+// ---- additions for token_stats and kl_divergence ------------------------------------
+
+__device__ __forceinline__ float log1pc(float x) { return log1pf(x); }
+__device__ __forceinline__ double log1pc(double x) { return log1p(x); }
+
+// The block's merge of per-thread states of any type S: merge(a, b) combines
+// two states, shfl_xor(a, o) (an overload per state type) fetches lane ^ o's.
+// The same shape as block_reduce: valid in thread 0, every thread calls it,
+// `sh` holds kMaxWarps states, ends with a barrier.
+template <class S, class M>
+__device__ S block_merge(S a, const S& empty, M merge, S* sh) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) a = merge(a, shfl_xor(a, o));
+  if (lane == 0) sh[warp] = a;
+  __syncthreads();
+  if (warp == 0) {
+    a = lane < nwarps ? sh[lane] : empty;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) a = merge(a, shfl_xor(a, o));
+  }
+  __syncthreads();
+  return a;
+}
+
+// Two plain sums (Jensen-Shannon's pass 2).
+struct Sum2 {
+  double a, b;
+};
+__device__ __forceinline__ Sum2 shfl_xor(const Sum2& v, int o) {
+  return {__shfl_xor_sync(kFullMask, v.a, o), __shfl_xor_sync(kFullMask, v.b, o)};
+}
+__device__ __forceinline__ Sum2 sum2_add(const Sum2& x, const Sum2& y) { return {x.a + y.a, x.b + y.b}; }
+
+// ---- token statistics: entropy and rank in the LSE walk ----------------------------
+// Beside Acc's online LSE (u space, e_j = exp2((u_j - m) k)): the entropy sum
+// h = sum_j e_j (u_j - m) (ent_merge of the contract, in u units: the entropy
+// is log s - kz h / s) and the count of entries ranked above the target.
+template <class C>
+struct EntAcc {
+  C m;
+  double s, h;
+  long long above;
+};
+template <class C>
+__device__ __forceinline__ EntAcc<C> ent_empty() { return {-inf<C>(), 0.0, 0.0, 0}; }
+
+// The target's value and column: u_j ranks above it when u_j > ut, or when
+// u_j == ut at a column j < t (the target's place in a stable descending
+// sort). t < 0: no rank (ignored or out-of-range target).
+template <class C>
+struct RankOf {
+  C ut;
+  int64_t t;
+};
+
+// Adds K consecutive values starting at column j.
+template <class C, int K>
+__device__ __forceinline__ void ent_add(EntAcc<C>& a, const C (&u)[K], int64_t j, const RankOf<C>& rk, C k) {
+  C vm = u[0];
+#pragma unroll
+  for (int i = 1; i < K; ++i) vm = maxc(vm, u[i]);
+  if (vm > a.m) {
+    // h moves with s: h' = f (h + (m - M) s). Nothing to move while s is 0
+    // (m = -inf), where (m - M) s would be NaN.
+    if (a.s != 0.0) {
+      const double f = (double)exp2c((a.m - vm) * k);  // as acc_add: 0 for vm = +inf
+      a.h = f * (a.h + ((double)a.m - (double)vm) * a.s);
+      a.s *= f;
+    }
+    a.m = vm;
+  }
+  if (a.m < inf<C>()) {
+    const C sh = a.m == -inf<C>() ? (C)0 : a.m;
+    C ps = 0, ph = 0;
+#pragma unroll
+    for (int i = 0; i < K; ++i) {
+      const C d = u[i] - sh, e = exp2c(d * k);
+      ps += e;
+      ph += e > (C)0 ? e * d : (C)0;  // a zero weight never meets d = -inf
+    }
+    a.s += (double)ps;
+    a.h += (double)ph;
+  } else {  // +inf in the row: no entropy (ent_final); only a NaN still matters to the LSE
+#pragma unroll
+    for (int i = 0; i < K; ++i)
+      if (u[i] != u[i]) a.s = (double)NAN;
+  }
+  if (rk.t >= 0) {
+    // The target's index relative to j, clamped to [-1, K] so the test is 32-bit.
+    const int64_t rel = rk.t - j;
+    const int tl = rel < 0 ? -1 : rel > K ? K : (int)rel;
+    int n = 0;
+#pragma unroll
+    for (int i = 0; i < K; ++i) n += (u[i] > rk.ut) | ((u[i] == rk.ut) & (i < tl));
+    a.above += n;
+  }
+}
+
+template <class C>
+__device__ __forceinline__ EntAcc<C> ent_acc_merge(const EntAcc<C>& a, const EntAcc<C>& b, C k) {
+  const LseState<double> sa{(double)a.m, a.s}, sb{(double)b.m, b.s};
+  const MergeExp<C> e{k};
+  const LseState<double> r = lse_merge(sa, sb, e);
+  return {(C)r.m, r.s, ent_merge(sa, a.h, sb, b.h, e), a.above + b.above};
+}
+
+template <class C>
+__device__ __forceinline__ EntAcc<C> shfl_xor(const EntAcc<C>& a, int o) {
+  return {__shfl_xor_sync(kFullMask, a.m, o), __shfl_xor_sync(kFullMask, a.s, o),
+          __shfl_xor_sync(kFullMask, a.h, o), __shfl_xor_sync(kFullMask, a.above, o)};
+}
+
+// ---- KL divergence: two online LSE states and a weighted sum --------------------
+// Student and teacher rows in u space (z = kz u), each with its own max and
+// sum, and the direction's sum d = sum_j e_j (v_j - w_j) weighted by the exps
+// of one side (TW: the teacher's, forward KL; else the student's), which
+// moves with that side's s (lse_merge_sum of the contract).
+template <class C>
+struct KLAcc {
+  C ms, mt;
+  double ss, st, d;
+};
+template <class C>
+__device__ __forceinline__ KLAcc<C> kl_empty() { return {-inf<C>(), -inf<C>(), 0.0, 0.0, 0.0}; }
+
+// One side's move to a larger max; returns the factor its sums were scaled by
+// (1 when the max stays). As acc_add: 0 from m = -inf (s is 0) or to +inf.
+template <class C, int K>
+__device__ __forceinline__ double lse_lift(C& m, double& s, const C (&u)[K], C k) {
+  C vm = u[0];
+#pragma unroll
+  for (int i = 1; i < K; ++i) vm = maxc(vm, u[i]);
+  if (!(vm > m)) return 1.0;
+  const double f = (double)exp2c((m - vm) * k);
+  s *= f;
+  m = vm;
+  return f;
+}
+
+// D: the direction needs d (forward, reverse; not Jensen-Shannon). A row with
+// +inf or NaN gets no special case: its LSE is not finite, which the kernel
+// turns into a NaN loss and gradient.
+template <bool TW, bool D, class C, int K>
+__device__ __forceinline__ void kl_add(KLAcc<C>& a, const C (&us)[K], const C (&ut)[K], C k) {
+  const double fs = lse_lift(a.ms, a.ss, us, k), ft = lse_lift(a.mt, a.st, ut, k);
+  if (D) a.d *= TW ? ft : fs;
+  const C shs = a.ms == -inf<C>() ? (C)0 : a.ms, sht = a.mt == -inf<C>() ? (C)0 : a.mt;
+  C ps = 0, pt = 0, pd = 0;
+#pragma unroll
+  for (int i = 0; i < K; ++i) {
+    const C es = exp2c((us[i] - shs) * k), et = exp2c((ut[i] - sht) * k);
+    ps += es;
+    pt += et;
+    if (D) {
+      const C e = TW ? et : es, diff = TW ? ut[i] - us[i] : us[i] - ut[i];
+      pd += e > (C)0 ? e * diff : (C)0;  // a zero weight contributes 0, even against -inf
+    }
+  }
+  a.ss += (double)ps;
+  a.st += (double)pt;
+  if (D) a.d += (double)pd;
+}
+
+template <bool TW, class C>
+__device__ __forceinline__ KLAcc<C> kl_acc_merge(const KLAcc<C>& a, const KLAcc<C>& b, C k) {
+  const MergeExp<C> e{k};
+  const LseState<double> as{(double)a.ms, a.ss}, bs{(double)b.ms, b.ss};
+  const LseState<double> at{(double)a.mt, a.st}, bt{(double)b.mt, b.st};
+  const LseState<double> rs = lse_merge(as, bs, e), rt = lse_merge(at, bt, e);
+  const double d = TW ? lse_merge_sum(at, a.d, bt, b.d, e) : lse_merge_sum(as, a.d, bs, b.d, e);
+  return {(C)rs.m, (C)rt.m, rs.s, rt.s, d};
+}
+
+template <class C>
+__device__ __forceinline__ KLAcc<C> shfl_xor(const KLAcc<C>& a, int o) {
+  return {__shfl_xor_sync(kFullMask, a.ms, o), __shfl_xor_sync(kFullMask, a.mt, o),
+          __shfl_xor_sync(kFullMask, a.ss, o), __shfl_xor_sync(kFullMask, a.st, o),
+          __shfl_xor_sync(kFullMask, a.d, o)};
+}
+
+// The two-row walker: f(j, va, vb) over this thread's share of the columns
+// [c0, c1) of rows a and b (the same columns of both); with Write, va
+// (modified by f) is stored to the same columns of `out` (which may be a:
+// each element is read and written by the same thread). Vectorised when a, b
+// and out have the same offset from a 16-byte boundary, else element by
+// element (still correct). Two vector pairs in flight per thread.
+template <bool Write, class T, class F>
+__device__ __forceinline__ void row_walk2(const T* a, const T* b, T* out, int64_t c0, int64_t c1, F&& f) {
+  typedef typename Compute<T>::type C;
+  constexpr int N = VecOf<T>::N;
+  constexpr int U = 2;
+  const int64_t tid = threadIdx.x, nth = blockDim.x;
+  const int64_t n = c1 - c0;
+  if (n <= 0) return;
+  const T* ap = a + c0;
+  const T* bp = b + c0;
+  T* op = Write ? out + c0 : nullptr;
+  const uintptr_t ia = reinterpret_cast<uintptr_t>(ap) & 15;
+  int64_t head = (int64_t)(((16 - ia) & 15) / sizeof(T));
+  const bool vec = (reinterpret_cast<uintptr_t>(bp) & 15) == ia &&
+                   (!Write || (reinterpret_cast<uintptr_t>(op) & 15) == ia);
+  if (!vec || head > n) head = n;
+  auto one = [&](int64_t j) {
+    C va[1] = {to_c(ap[j])}, vb[1] = {to_c(bp[j])};
+    f(c0 + j, va, vb);
+    if (Write) op[j] = from_c<T>(va[0]);
+  };
+  for (int64_t j = tid; j < head; j += nth) one(j);
+  const int64_t nv = (n - head) / N;
+  const T* pa = ap + head;
+  const T* pb = bp + head;
+  T* wp = Write ? op + head : nullptr;
+  auto vecs = [&](int64_t i, uint4 ra, uint4 rb) {
+    C va[N], vb[N];
+    unpack<T>(ra, va);
+    unpack<T>(rb, vb);
+    f(c0 + head + i * N, va, vb);
+    if (Write) st16(wp + i * N, pack<T>(va));
+  };
+  int64_t i = tid;
+  for (; i + (U - 1) * nth < nv; i += U * nth) {
+    uint4 ra[U], rb[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      ra[u] = ld16<Write>(pa + (i + u * nth) * N);
+      rb[u] = ld16<Write>(pb + (i + u * nth) * N);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) vecs(i + u * nth, ra[u], rb[u]);
+  }
+  for (; i < nv; i += nth) vecs(i, ld16<Write>(pa + i * N), ld16<Write>(pb + i * N));
+  for (int64_t j = head + nv * N + tid; j < n; j += nth) one(j);
+}
+
 }  // namespace cuda
 }  // namespace lmxent

@@ -251,3 +251,124 @@ def torch_ce_with_grad(x, t, *, grad_output=1.0, weight=None, ignore_index=-100,
             loss = loss / d if d != 0 else loss * 0.0
         loss.backward(torch.as_tensor(float(grad_output), dtype=tdt))
     return loss.detach().numpy().astype(np.float64), xt.grad.numpy().astype(np.float64)
+
+
+# ------------------------------------------------ softmax family (also test_cuda)
+# Helpers of test_softmax.py that test_cuda.py shares; here because
+# test_softmax.py skips itself without torch.
+
+def out_dtype(fn, dtype):
+    """lse is float32 (float64 for float64 input); softmax outputs keep x's dtype."""
+    if fn == "logsumexp":
+        return F64 if dtype == F64 else F32
+    return np.dtype(dtype)
+
+
+def softmax_ref(fn, x, **kw):
+    """The float64 reference of a softmax-family function on x's values."""
+    return getattr(lmxent.reference, fn)(np.asarray(x, dtype=np.float64), **kw)
+
+
+def assert_nan_inf_equal(actual, expected, what=""):
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    assert a.shape == e.shape, (what, a.shape, e.shape)
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(e), err_msg=f"{what}: NaN positions")
+    inf = np.isinf(e)
+    np.testing.assert_array_equal(np.isinf(a), inf, err_msg=f"{what}: inf positions")
+    np.testing.assert_array_equal(a[inf], e[inf], err_msg=f"{what}: inf signs")
+
+
+def softmax_tol(fn, dtype, scale=1.0):
+    """(rtol, atol) against the float64 reference for a float32/float64 result whose
+    magnitude is `scale`: a few units in the last place of the compute type."""
+    eps = 2.0**-52 if dtype == F64 else 2.0**-23
+    if fn == "softmax":  # probabilities <= 1; error ~ ulp(lse) relative
+        return 8 * eps * max(1.0, scale), 8 * eps * max(1.0, scale)
+    return 8 * eps, 8 * eps * max(1.0, scale)
+
+
+def assert_matches_reference(fn, actual, x, dtype, *, what="", **kw):
+    """Compare one function's output with the reference on x's (rounded) values."""
+    expected = softmax_ref(fn, x, **kw)
+    assert actual.dtype == out_dtype(fn, dtype), (what, actual.dtype)
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    a64 = np.asarray(actual, dtype=np.float64)
+    # NaN/inf positions of the reference as the output dtype holds it (float16
+    # overflows to inf where float64 does not)
+    expected_rounded = expected.astype(actual.dtype).astype(np.float64)
+    assert_nan_inf_equal(a64, expected_rounded, what)
+    fin = np.isfinite(expected_rounded)
+    expected = np.where(fin, expected, expected_rounded)
+    if not fin.any():
+        return
+    # the error of log_softmax / softmax scales with |lse| (z - lse is formed in C)
+    lse = softmax_ref("logsumexp", x, **{k: v for k, v in kw.items() if k != "keepdims"})
+    lse_scale = float(np.max(np.abs(lse), initial=1.0, where=np.isfinite(lse)))
+    if dtype in (F16, BF16) and fn != "logsumexp":
+        # one rounding to the output dtype after float32 math whose absolute error
+        # is a few float32 ulps of |lse| (log_softmax near 0 cancels)
+        assert_lowp_close(actual, expected, what, extra_atol=4 * 2.0**-24 * lse_scale)
+        return
+    scale = max(float(np.max(np.abs(expected[fin]))), lse_scale)
+    rtol, atol = softmax_tol(fn, np.dtype(dtype) if dtype == F64 else F32, scale)
+    np.testing.assert_allclose(a64[fin], expected[fin], rtol=rtol, atol=atol, err_msg=what)
+
+
+_MANT = {F16: 10, BF16: 7}
+# Absolute floor: float16's subnormal spacing; for bfloat16 the smallest normal float32,
+# because the float32 exp flushes results below it to zero by design (no denormals).
+_TINY = {F16: 2.0**-24, BF16: 2.0**-126}
+
+
+def assert_lowp_close(actual, expected, what="", extra_atol=0.0):
+    """float16 / bfloat16 output within one unit in the last place of the exact value
+    (float32 math, then one round-to-nearest), plus `extra_atol` for the float32 math."""
+    dt = np.dtype(actual.dtype)
+    a = np.asarray(actual, dtype=np.float64)
+    fin = np.isfinite(expected)
+    e = expected[fin]
+    with np.errstate(divide="ignore"):
+        ulp = np.where(e == 0, _TINY[dt], 2.0 ** (np.floor(np.log2(np.abs(e))) - _MANT[dt]))
+    ulp = np.maximum(ulp, _TINY[dt]) + extra_atol
+    err = np.abs(a[fin] - e)
+    bad = err > ulp
+    assert not bad.any(), (f"{what}: {bad.sum()} values off by more than 1 ulp of "
+                           f"{dtype_id(dt)}; worst {np.max(err / ulp):.2f} ulp")
+
+
+INF, NAN = np.inf, np.nan
+EXTREME_ROWS = [
+    [1e4, -1e4, 0.0, 3.0, -2.5],            # huge spread
+    [-1e4, -1e4 + 1, -1e4 + 2, -1e4, -1e4],  # everything very negative
+    [1e4, 1e4, 1e4 - 1, 1e4, 1e4],           # everything very large
+    [-INF, 1.0, 2.0, -INF, 0.5],             # masked entries
+    [-INF, -INF, -INF, 3.0, -INF],           # one live entry
+    [-INF, -INF, -INF, -INF, -INF],          # all masked: lse -inf, softmax NaN
+    [NAN, 1.0, 2.0, 3.0, 4.0],               # NaN -> whole row NaN
+    [1.0, 2.0, 3.0, 4.0, NAN],
+    [NAN, -INF, 2.0, INF, 4.0],              # NaN beside +inf is still NaN
+    [0.5, -0.25, 1.0, 2.0, -3.0],            # ordinary row between the others
+]
+MASKED_ROWS = [3, 4, 5]  # rows whose filler entries are -inf
+
+
+def extreme_rows(rows, V, dtype, rng):
+    """Rows of length V holding the 5 given values at spread-out columns (different
+    chunks of 2048; at V=70000 different threads too), ordinary values elsewhere."""
+    rows = np.array(rows, np.float64)
+    if dtype == F16:
+        rows = np.where(np.abs(rows) == 1e4, np.sign(rows) * 6e4, rows)  # f16 max 65504
+    if V == rows.shape[1]:
+        return rows.astype(dtype)
+    x = rng.standard_normal((len(rows), V))
+    x[[r for r in MASKED_ROWS if r < len(rows)]] = -INF
+    x[:, [0, V // 3, V // 2 + 1, V - 2050, V - 1]] = rows
+    return x.astype(dtype)
+
+
+PLUS_INF_ROWS = [
+    [INF, 1.0, 2.0, 3.0, 4.0],
+    [INF, -INF, 0.0, 1.0, 2.0],
+    [1.0, INF, INF, -1.0, 0.0],
+]

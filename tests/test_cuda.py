@@ -26,11 +26,11 @@ from lmxent import _arrays as A
 from lmxent import _cpu
 from lmxent import reference as ref
 
-from conftest import (BF16, F16, F32, F64, assert_grad_close, assert_loss_close, dtype_id,
+from conftest import (BF16, EXTREME_ROWS, F16, F32, F64, PLUS_INF_ROWS, assert_grad_close,
+                      assert_loss_close, assert_matches_reference, dtype_id, extreme_rows,
                       grad_scale, loss_dtype)
 from test_cross_entropy import (OPTION_CASES, build_case, grad_output_for, make_ids, make_logits,
                                 make_probs)
-from test_softmax import EXTREME_ROWS, PLUS_INF_ROWS, _extreme, assert_matches_reference
 
 FNS = ["logsumexp", "log_softmax", "softmax"]
 DTYPES = [F32, F64, F16] + ([BF16] if BF16 is not None else [])
@@ -172,7 +172,8 @@ def make_fake_cupy():
 class FakeCuda:
     """lmxent._cuda's signatures over the CPU kernels. Every array argument must be
     a device array. Out-of-range class ids are handled as the CUDA kernels do:
-    never used, the row's loss and gradient NaN, the row recorded."""
+    never used, the row's loss and gradient (token_stats: logprob) NaN, its rank
+    -1, the row recorded."""
 
     def __init__(self):
         self.bad = []
@@ -183,6 +184,12 @@ class FakeCuda:
             assert a is None or isinstance(a, FakeArray), f"host array {type(a)} sent to a kernel"
         return [None if a is None else a._a for a in arrays]
 
+    def _bad_ids(self, t, ignore_index, V):
+        """(rows with an out-of-range id, recorded; the ids with those ignored)."""
+        bad = (t != ignore_index) & ((t < 0) | (t >= V))
+        self.bad += list(np.flatnonzero(bad))
+        return bad, np.where(bad, ignore_index, t)
+
     def softmax(self, x, out, lse, scale, log):
         _cpu.softmax(*self._host(x, out, lse), scale, log)
 
@@ -192,9 +199,7 @@ class FakeCuda:
                                                grad, grad_rows)
         bad = None
         if t is not None:
-            bad = (t != ignore_index) & ((t < 0) | (t >= x.shape[1]))
-            self.bad += list(np.flatnonzero(bad))
-            t = np.where(bad, ignore_index, t)
+            bad, t = self._bad_ids(t, ignore_index, x.shape[1])
         _cpu.cross_entropy(x, t, q, w, ignore_index, scale, softcap, smoothing, z_loss, lo, ls,
                            lse_given, g, grad_scale, gr)
         if bad is not None and bad.any():
@@ -202,6 +207,20 @@ class FakeCuda:
                 lo[bad] = np.nan
             if g is not None:
                 g[bad] = np.nan
+
+    def token_stats(self, logits, targets, ignore_index, scale, logprob, lse, entropy, top_prob,
+                    rank):
+        x, t, lp, ls, ent, top, rk = self._host(logits, targets, logprob, lse, entropy, top_prob,
+                                                rank)
+        bad, t = self._bad_ids(t, ignore_index, x.shape[1])
+        _cpu.token_stats(x, t, ignore_index, scale, lp, ls, ent, top, rk)  # rank -1: ignored
+        if lp is not None:
+            lp[bad] = np.nan
+
+    def kl_divergence(self, student, teacher, row_mask, scale, direction, loss, grad, grad_scale,
+                      grad_rows):
+        s, t, m, lo, g, gr = self._host(student, teacher, row_mask, loss, grad, grad_rows)
+        _cpu.kl_divergence(s, t, m, scale, direction, lo, g, grad_scale, gr)
 
     def take_status(self, device, stream):
         count, first = len(self.bad), min(self.bad, default=None)
@@ -282,7 +301,7 @@ def test_softmax_family(xp, dtype, shape, rng):
                          ids=dtype_id)
 def test_softmax_extreme_values(xp, dtype, V, rng):
     """+-1e4, -inf, all -inf, NaN and +inf rows, element by element."""
-    x = _extreme(EXTREME_ROWS + PLUS_INF_ROWS, V, dtype, rng)
+    x = extreme_rows(EXTREME_ROWS + PLUS_INF_ROWS, V, dtype, rng)
     d = xp.asarray(x)
     for fn in FNS:
         assert_matches_reference(fn, host(getattr(lx, fn)(d)), x, dtype, what=f"{fn} extreme")
@@ -532,11 +551,296 @@ def test_ce_deferred_validation(xp, rng, deferred, tdtype):
     A.check_cuda_errors()  # cleared
 
 
+# ----------------------------------------------------------- token statistics
+
+TS_FLOATS = ("logprob", "lse", "entropy", "top_prob")
+
+
+def check_token_stats(xp, x, t, **kw):
+    """token_stats on device arrays against the reference on the same rounded values;
+    rank and correct exactly. Returns the host statistics (a dict)."""
+    got = lx.token_stats(xp.asarray(x), xp.asarray(t), **kw)
+    r = ref.token_stats(x.astype(np.float64), t, **kw)
+    out = {}
+    for name in TS_FLOATS:
+        a = out[name] = host(getattr(got, name))
+        assert a.dtype == loss_dtype(x.dtype) and a.shape == t.shape, name
+        assert_loss_close(a, getattr(r, name), x.dtype, scale=1.0 if name == "top_prob" else None,
+                          what=name)
+    for name in ("rank", "correct"):
+        a = out[name] = host(getattr(got, name))
+        assert a.dtype == (np.int64 if name == "rank" else np.bool_), name
+        np.testing.assert_array_equal(a, getattr(r, name), err_msg=name)
+    return out
+
+
+def _ts_targets(rng, n, V):
+    """Class ids with an ignored one and the first, last and middle columns."""
+    t = rng.integers(0, V, n)
+    t[: min(n, 4)] = [0, V - 1, -100, V // 2 + 1][: min(n, 4)]
+    return t
+
+
+@pytest.mark.parametrize("shape", SOFTMAX_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_token_stats_matches_reference(xp, dtype, shape, rng):
+    """One block per row and (few long rows) split across blocks, whose partial
+    entropy sums and rank counts are merged."""
+    if shape[1] > 100000 and dtype not in (F32, BF16):
+        pytest.skip("long rows: float32 and bfloat16 are enough")
+    n, V = shape
+    x = (3.0 * rng.standard_normal(shape)).astype(dtype)
+    x[0, V // 2] = 20.0  # the max in another slice than the target's
+    st = check_token_stats(xp, x, _ts_targets(rng, n, V), temperature=0.8)
+    if n > 2:
+        assert st["rank"][2] == -1 and st["logprob"][2] == 0 and not st["correct"][2]
+
+
+@pytest.mark.parametrize("shape", [(200, 3000), (3, 70001), (1, 1 << 20)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+def test_token_stats_rank_ties(xp, shape, rng):
+    """Integer logits (ties everywhere): the rank counts equal values before the
+    target only, also across the slices of a split row; rank 0 <=> numpy's argmax."""
+    n, V = shape
+    x = rng.integers(-3, 4, shape).astype(np.float32)
+    t = rng.integers(0, V, n)
+    t[: n // 4] = np.argmax(x[: n // 4], axis=1)  # some correct
+    if n < 4:
+        x[0, t[0]] = 3.0  # a tie with the maxima on both sides of the target
+    st = check_token_stats(xp, x, t)
+    np.testing.assert_array_equal(st["correct"], np.argmax(x, axis=1) == t)
+
+
+@pytest.mark.parametrize("V", [5, 3000, 70000])
+@pytest.mark.parametrize("dtype", [F32, F64, BF16] if BF16 is not None else [F32, F64],
+                         ids=dtype_id)
+def test_token_stats_extreme_values(xp, dtype, V, rng):
+    """+-1e4, -inf, all -inf, NaN and +inf rows (entropy and top_prob NaN where the
+    softmax is undefined, rank -1 for NaN rows), targets on the special columns."""
+    x = extreme_rows(EXTREME_ROWS + PLUS_INF_ROWS, V, dtype, rng)
+    cols = [0, V // 3, V // 2 + 1, V - 2050, V - 1] if V > 5 else list(range(5))
+    t = np.array([cols[i % 5] for i in range(len(x))])
+    t[-1] = -100
+    check_token_stats(xp, x, t)
+
+
+def test_token_stats_batch_shape_and_host_targets(xp, rng):
+    x = (2.0 * rng.standard_normal((2, 3, 500))).astype(np.float32)
+    t = rng.integers(0, 500, (2, 3))
+    got = lx.token_stats(xp.asarray(x), t.tolist(), temperature=2.0)  # host ids: copied
+    r = ref.token_stats(x.astype(np.float64), t, temperature=2.0)
+    assert got.rank.shape == (2, 3)
+    np.testing.assert_array_equal(host(got.rank), r.rank)
+    assert_loss_close(host(got.entropy), r.entropy, F32)
+    with pytest.raises(TypeError, match="targets: a CuPy array, but the logits are a NumPy array"):
+        lx.token_stats(x, xp.asarray(t))
+
+
+def test_token_stats_empty_batch(xp):
+    st = lx.token_stats(xp.asarray(np.zeros((0, 11), np.float32)),
+                        xp.asarray(np.zeros(0, np.int64)))
+    assert st.lse.shape == (0,) and st.rank.shape == (0,)
+
+
+def test_token_stats_bad_target_raises(xp, rng):
+    x = xp.asarray(rng.standard_normal((2, 3, 10)).astype(np.float32))
+    t = rng.integers(0, 10, (2, 3))
+    t[1, 2] = -1
+    with pytest.raises(ValueError, match=r"targets: value -1 at position \(1, 2\) is out of range"):
+        lx.token_stats(x, xp.asarray(t))
+    t = t.astype(np.uint64)
+    t[1, 2] = 2**64 - 100  # -100 (ignore_index) if cast to int64 before the check
+    with pytest.raises(ValueError, match=r"value 18446744073709551516 at position \(1, 2\)"):
+        lx.token_stats(x, xp.asarray(t))
+
+
+@pytest.mark.parametrize("tdtype", [np.int64, np.uint64])
+def test_token_stats_deferred_validation(xp, rng, deferred, tdtype):
+    """Deferred: the bad row gets a NaN logprob and rank -1 (its logit never read),
+    the rest is right, check_cuda_errors raises once."""
+    V = 50
+    x = rng.standard_normal((4, V)).astype(np.float32)
+    t = rng.integers(0, V, 4).astype(tdtype)
+    t[1] = 2**64 - 100 if tdtype == np.uint64 else V  # uint64: int64 -100 if cast blindly
+    A.check_cuda_errors()  # a clean record
+    st = lx.token_stats(xp.asarray(x), xp.asarray(t))
+    lp, rank, lse = host(st.logprob), host(st.rank), host(st.lse)
+    assert np.isnan(lp[1]) and rank[1] == -1
+    ok = [0, 2, 3]
+    r = ref.token_stats(x[ok].astype(np.float64), t[ok].astype(np.int64))
+    assert_loss_close(lp[ok], r.logprob, F32)
+    assert_loss_close(lse, ref.token_stats(x.astype(np.float64), np.zeros(4, np.int64)).lse, F32)
+    np.testing.assert_array_equal(rank[ok], r.rank)
+    with pytest.raises(ValueError, match=r"1 class id\(s\) out of range .* at row 1 "):
+        A.check_cuda_errors()
+    A.check_cuda_errors()  # cleared
+
+
+# -------------------------------------------------------------- KL divergence
+
+KL_DIRECTIONS = ["forward", "reverse", "js"]
+KL_GSCALE = 2.0  # the gradient's float32 error is absolute, relative to <= 2 / T
+
+
+def _kl_pair(rng, shape, dtype, zero_teacher=False):
+    s = (3.0 * rng.standard_normal(shape)).astype(dtype)
+    t = (3.0 * rng.standard_normal(shape)).astype(dtype)
+    if zero_teacher:  # a third of the teacher's classes impossible: the KL stays finite
+        t[..., ::3] = -np.inf
+    return s, t
+
+
+def check_kl(xp, s, t, *, direction, grad_output=1.0, mask=None, **kw):
+    """Loss and gradient on device arrays (also in place) against the reference on
+    the same rounded values; the device mask and grad_output are used as given."""
+    hmask = None if mask is None else host(mask) if A._is_cupy(mask) else mask
+    hgo = host(grad_output) if A._is_cupy(grad_output) else grad_output
+    rl, rg = ref.kl_divergence(s.astype(np.float64), t.astype(np.float64), direction=direction,
+                               mask=hmask, grad_output=hgo, return_grad=True, **kw)
+    ds, dt = xp.asarray(s), xp.asarray(t)
+    loss, g = lx.kl_divergence(ds, dt, direction=direction, mask=mask, grad_output=grad_output,
+                               return_grad=True, **kw)
+    assert loss.dtype == loss_dtype(s.dtype) and g.dtype == s.dtype and g.shape == s.shape
+    assert_loss_close(host(loss), rl, s.dtype, what=f"kl {direction}")
+    assert (host(loss) >= 0).all()
+    go = np.abs(np.asarray(hgo, np.float64))
+    assert_grad_close(host(g), rg, s.dtype, gscale=KL_GSCALE * go.max(initial=1.0))
+    np.testing.assert_array_equal(host(ds).astype(np.float64), s.astype(np.float64))
+    np.testing.assert_array_equal(
+        host(lx.kl_divergence(ds, dt, direction=direction, mask=mask, **kw)), host(loss))
+    di = xp.asarray(s)
+    loss2, gi = lx.kl_divergence(di, dt, direction=direction, mask=mask, grad_output=grad_output,
+                                 return_grad=True, inplace=True, **kw)
+    assert gi is di
+    np.testing.assert_array_equal(host(loss2), host(loss))
+    np.testing.assert_array_equal(host(gi).astype(np.float64), host(g).astype(np.float64))
+    return host(loss), host(g)
+
+
+@pytest.mark.parametrize("V", [1, 7, 2049, 40000])
+@pytest.mark.parametrize("direction", KL_DIRECTIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_kl_matches_reference(xp, rng, dtype, direction, V):
+    s, t = _kl_pair(rng, (6, V), dtype, zero_teacher=direction != "reverse" and V > 1)
+    check_kl(xp, s, t, direction=direction, reduction="none", temperature=1.5)
+
+
+@pytest.mark.parametrize("direction", KL_DIRECTIONS)
+@pytest.mark.parametrize("dtype", [F32] + ([BF16] if BF16 is not None else []), ids=dtype_id)
+def test_kl_long_rows(xp, rng, dtype, direction):
+    """Few long rows: one block walks each whole row (no split)."""
+    s, t = _kl_pair(rng, (2, 262144), dtype)
+    s[0, 200000] = 15.0
+    check_kl(xp, s, t, direction=direction, reduction="sum")
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+@pytest.mark.parametrize("direction", KL_DIRECTIONS)
+def test_kl_device_mask_and_grad_output(xp, rng, direction, reduction):
+    """A device mask (counted on the device for batchmean) and a device grad_output
+    (0-d, or per row for 'none') become per-row factors on the device."""
+    s, t = _kl_pair(rng, (3, 4, 300), np.float32)
+    mask = rng.random((3, 4)) < 0.6
+    go = rng.standard_normal((3, 4)) if reduction == "none" else np.asarray(0.7)
+    _, g = check_kl(xp, s, t, direction=direction, reduction=reduction, temperature=0.8,
+                    mask=xp.asarray(mask), grad_output=xp.asarray(go))
+    assert (g[~mask] == 0).all()
+    check_kl(xp, s, t, direction=direction, reduction=reduction, mask=mask,  # host mask
+             grad_output=go if reduction == "none" else 0.7)
+
+
+def test_kl_all_masked_is_zero(xp, rng):
+    s, t = _kl_pair(rng, (4, 50), np.float32)
+    loss, g = lx.kl_divergence(xp.asarray(s), xp.asarray(t), mask=xp.asarray(np.zeros(4, bool)),
+                               return_grad=True)
+    assert float(host(loss)) == 0.0 and not host(g).any()
+
+
+@pytest.mark.parametrize("offsets", [(3, 3), (3, 0), (0, 5)], ids=["same", "student", "teacher"])
+@pytest.mark.parametrize("direction", KL_DIRECTIONS)
+def test_kl_strided_unaligned_rows_in_place(xp, rng, direction, offsets):
+    """Rows of wider arrays starting off a 16-byte boundary, the student and teacher
+    at the same offset (a scalar head, then vectors) or not (element by element);
+    the gradient written in place into the wider student array."""
+    (os_, ot), V = offsets, 2500
+    big_s, big_t = _kl_pair(rng, (8, 3000), np.float32)
+    s, t = big_s[:, os_:os_ + V], big_t[:, ot:ot + V]
+    rl, rg = ref.kl_divergence(s.astype(np.float64), t.astype(np.float64), direction=direction,
+                               return_grad=True)
+    dbig = xp.asarray(big_s)
+    loss, g = lx.kl_divergence(dbig[:, os_:os_ + V], xp.asarray(big_t)[:, ot:ot + V],
+                               direction=direction, return_grad=True, inplace=True)
+    assert g.data.ptr == dbig.data.ptr + os_ * big_s.itemsize
+    assert_loss_close(host(loss), rl, F32)
+    assert_grad_close(host(dbig)[:, os_:os_ + V], rg, F32, gscale=KL_GSCALE)
+    rest = np.r_[0:os_, os_ + V:3000]
+    np.testing.assert_array_equal(host(dbig)[:, rest], big_s[:, rest])
+
+
+@pytest.mark.parametrize("direction", KL_DIRECTIONS)
+def test_kl_undefined_rows_as_on_the_cpu(xp, rng, direction):
+    """A row where either softmax is undefined (NaN, +inf, all -inf) has a NaN loss
+    and gradient, as the CPU kernel gives; a masked one is 0; the rest is unaffected."""
+    s, t = _kl_pair(rng, (6, 3000), np.float32)
+    s[0, 2000] = np.nan
+    t[1, 5] = np.inf
+    t[2] = -np.inf
+    s[3] = -np.inf
+    s[4, 7] = np.nan  # masked
+    mask = np.array([True, True, True, True, False, True])
+    kw = dict(direction=direction, reduction="none", return_grad=True, mask=mask)
+    cl, cg = lx.kl_divergence(s, t, **kw)
+    dl, dg = lx.kl_divergence(xp.asarray(s), xp.asarray(t), **kw)
+    dl, dg = host(dl), host(dg)
+    assert np.isnan(dl[:4]).all() and np.isnan(dg[:4]).all()
+    assert dl[4] == 0 and (dg[4] == 0).all()
+    assert_loss_close(dl, cl, F32)
+    assert_grad_close(dg, cg, F32, gscale=KL_GSCALE)
+
+
+def test_kl_zero_probability_classes(xp):
+    """The hand example of test_kl_divergence: infinite forward and reverse KL,
+    finite Jensen-Shannon below ln 2, a 0 term where both sides are -inf."""
+    s = xp.asarray(np.array([[0.0, 1.0, -np.inf]]))
+    t = xp.asarray(np.array([[-np.inf, 0.0, 0.0]]))
+    assert float(host(lx.kl_divergence(s, t))) == np.inf
+    assert float(host(lx.kl_divergence(s, t, direction="reverse"))) == np.inf
+    js = float(host(lx.kl_divergence(s, t, direction="js")))
+    assert 0 < js < np.log(2)
+    s2 = xp.asarray(np.array([[-np.inf, 1.0, 2.0]]))
+    assert np.isfinite(float(host(lx.kl_divergence(s2, t))))
+
+
+def test_kl_host_arguments_and_errors(xp, rng):
+    s, t = _kl_pair(rng, (3, 10), np.float32)
+    ds = xp.asarray(s)
+    loss = lx.kl_divergence(ds, t, mask=[True, False, True])  # host teacher and mask: copied
+    assert_loss_close(host(loss), ref.kl_divergence(s.astype(np.float64), t.astype(np.float64),
+                                                    mask=[True, False, True]), F32)
+    with pytest.raises(TypeError, match="teacher_logits: a CuPy array, but the logits are a NumPy"):
+        lx.kl_divergence(s, xp.asarray(t))
+    with pytest.raises(TypeError, match="mask: a CuPy array, but the logits are a NumPy"):
+        lx.kl_divergence(s, t, mask=xp.asarray(np.ones(3, bool)))
+    with pytest.raises(ValueError, match=r"mask: expected shape \(3,\)"):
+        lx.kl_divergence(ds, t, mask=xp.asarray(np.ones(4, bool)))
+    with pytest.raises(ValueError, match="teacher_logits: expected the student's shape"):
+        lx.kl_divergence(ds, xp.asarray(t[:, :9]))
+    with pytest.raises(ValueError, match="shares memory"):
+        lx.kl_divergence(ds, ds, return_grad=True, inplace=True)
+
+
+def test_kl_empty_batch(xp):
+    z = xp.asarray(np.zeros((0, 11), np.float32))
+    loss, g = lx.kl_divergence(z, z, return_grad=True)
+    assert float(host(loss)) == 0.0 and g.shape == (0, 11)
+
+
 # ----------------------------------------------------- host round trips
 
 def test_host_round_trips(monkeypatch, rng):
-    """The device path reads nothing back, except one read per cross-entropy call
-    for the eager class-id and weight checks (none when deferred)."""
+    """The device path reads nothing back, except one read per cross-entropy or
+    token_stats call for the eager class-id (and weight) checks (none when deferred);
+    kl_divergence never reads back, with a device mask and "batchmean" included."""
     monkeypatch.setitem(sys.modules, "cupy", make_fake_cupy())
     monkeypatch.setattr(A, "_CUDA", A._CudaKernels(FakeCuda()))
     x, t, opts = build_case(rng, "smoothing_weight", (3, 4), 50, F32)
@@ -549,12 +853,19 @@ def test_host_round_trips(monkeypatch, rng):
 
     for fn in FNS:
         assert reads(lambda: getattr(lx, fn)(dx)) == 0, fn
+    mask = _fake_asarray(rng.random(dx.shape[:-1]) < 0.5)
+    for d in ("forward", "js"):
+        assert reads(lambda: lx.kl_divergence(dx, dx * 0.5, direction=d, mask=mask,
+                                              return_grad=True)) == 0, d
+        assert reads(lambda: lx.kl_divergence(dx, dx * 0.5, direction=d, return_grad=True,
+                                              grad_output=_fake_asarray(np.asarray(2.0)))) == 0
     calls = {
         "cross_entropy": lambda: lx.cross_entropy(dx, dt, weight=w, **opts),
         "with_grad": lambda: lx.cross_entropy_with_grad(dx, dt, weight=w, **opts),
         "backward": lambda: lx.cross_entropy_backward(
             dx, dt, lx.cross_entropy(dx, dt, weight=w, reduction="none", return_lse=True,
                                      **opts)[1], 1.0, weight=w, **opts),
+        "token_stats": lambda: lx.token_stats(dx, dt),
     }
     for name, f in calls.items():
         assert reads(f) == (2 if name == "backward" else 1), name
@@ -610,6 +921,6 @@ def test_missing_cuda_backend_is_a_clear_error(monkeypatch):
 
 
 def test_op_without_cuda_kernel_is_a_clear_error():
-    k = A._CudaKernels(types.ModuleType("lmxent._cuda"))
+    k = A._CudaKernels(types.ModuleType("lmxent._cuda"))  # a module without the op
     with pytest.raises(TypeError, match="token_stats has no CUDA kernel yet"):
         k.token_stats

@@ -24,7 +24,9 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.extra import numpy as hnp  # noqa: E402
 
-from conftest import ISAS, cpu_isa, num_threads  # noqa: E402
+from conftest import (EXTREME_ROWS, ISAS, PLUS_INF_ROWS, assert_matches_reference,  # noqa: E402
+                      assert_nan_inf_equal, cpu_isa, extreme_rows, num_threads, out_dtype,
+                      softmax_ref, softmax_tol)
 
 FNS = ["logsumexp", "log_softmax", "softmax"]
 F32, F64, F16 = np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)
@@ -48,19 +50,8 @@ def torch_threads(n):
         torch.set_num_threads(original)
 
 
-def out_dtype(fn, dtype):
-    """lse is float32 (float64 for float64 input); softmax outputs keep x's dtype."""
-    if fn == "logsumexp":
-        return F64 if dtype == F64 else F32
-    return np.dtype(dtype)
-
-
 def call(fn, x, **kw):
     return getattr(lx, fn)(x, **kw)
-
-
-def ref(fn, x, **kw):
-    return getattr(R, fn)(np.asarray(x, dtype=np.float64), **kw)
 
 
 def torch_fn(fn, x, axis=-1, temperature=1.0):
@@ -68,74 +59,6 @@ def torch_fn(fn, x, axis=-1, temperature=1.0):
     if fn == "logsumexp":
         return torch.logsumexp(t, axis).numpy()
     return getattr(torch, fn)(t, axis).numpy()
-
-
-def assert_nan_inf_equal(actual, expected, what=""):
-    a = np.asarray(actual, dtype=np.float64)
-    e = np.asarray(expected, dtype=np.float64)
-    assert a.shape == e.shape, (what, a.shape, e.shape)
-    np.testing.assert_array_equal(np.isnan(a), np.isnan(e), err_msg=f"{what}: NaN positions")
-    inf = np.isinf(e)
-    np.testing.assert_array_equal(np.isinf(a), inf, err_msg=f"{what}: inf positions")
-    np.testing.assert_array_equal(a[inf], e[inf], err_msg=f"{what}: inf signs")
-
-
-def tol(fn, dtype, scale=1.0):
-    """(rtol, atol) against the float64 reference for a float32/float64 result whose
-    magnitude is `scale`: a few units in the last place of the compute type."""
-    eps = 2.0**-52 if dtype == F64 else 2.0**-23
-    if fn == "softmax":  # probabilities <= 1; error ~ ulp(lse) relative
-        return 8 * eps * max(1.0, scale), 8 * eps * max(1.0, scale)
-    return 8 * eps, 8 * eps * max(1.0, scale)
-
-
-def assert_matches_reference(fn, actual, x, dtype, *, what="", **kw):
-    """Compare one function's output with the reference on x's (rounded) values."""
-    expected = ref(fn, x, **kw)
-    assert actual.dtype == out_dtype(fn, dtype), (what, actual.dtype)
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    a64 = np.asarray(actual, dtype=np.float64)
-    # NaN/inf positions of the reference as the output dtype holds it (float16
-    # overflows to inf where float64 does not)
-    expected_rounded = expected.astype(actual.dtype).astype(np.float64)
-    assert_nan_inf_equal(a64, expected_rounded, what)
-    fin = np.isfinite(expected_rounded)
-    expected = np.where(fin, expected, expected_rounded)
-    if not fin.any():
-        return
-    # the error of log_softmax / softmax scales with |lse| (z - lse is formed in C)
-    lse = ref("logsumexp", x, **{k: v for k, v in kw.items() if k != "keepdims"})
-    lse_scale = float(np.max(np.abs(lse), initial=1.0, where=np.isfinite(lse)))
-    if dtype in (F16, BF16) and fn != "logsumexp":
-        # one rounding to the output dtype after float32 math whose absolute error
-        # is a few float32 ulps of |lse| (log_softmax near 0 cancels)
-        assert_lowp_close(actual, expected, what, extra_atol=4 * 2.0**-24 * lse_scale)
-        return
-    scale = max(float(np.max(np.abs(expected[fin]))), lse_scale)
-    rtol, atol = tol(fn, np.dtype(dtype) if dtype == F64 else F32, scale)
-    np.testing.assert_allclose(a64[fin], expected[fin], rtol=rtol, atol=atol, err_msg=what)
-
-
-_MANT = {F16: 10, BF16: 7}
-# Absolute floor: float16's subnormal spacing; for bfloat16 the smallest normal float32,
-# because the float32 exp flushes results below it to zero by design (no denormals).
-_TINY = {F16: 2.0**-24, BF16: 2.0**-126}
-
-
-def assert_lowp_close(actual, expected, what="", extra_atol=0.0):
-    """float16 / bfloat16 output within one unit in the last place of the exact value
-    (float32 math, then one round-to-nearest), plus `extra_atol` for the float32 math."""
-    dt = np.dtype(actual.dtype)
-    a = np.asarray(actual, dtype=np.float64)
-    fin = np.isfinite(expected)
-    e = expected[fin]
-    with np.errstate(divide="ignore"):
-        ulp = np.where(e == 0, _TINY[dt], 2.0 ** (np.floor(np.log2(np.abs(e))) - _MANT[dt]))
-    ulp = np.maximum(ulp, _TINY[dt]) + extra_atol
-    err = np.abs(a[fin] - e)
-    bad = err > ulp
-    assert not bad.any(), (f"{what}: {bad.sum()} values off by more than 1 ulp of "
-                           f"{_dtype_id(dt)}; worst {np.max(err / ulp):.2f} ulp")
 
 
 # --------------------------------------------------------- sizes x dtypes x ISAs
@@ -152,7 +75,7 @@ def test_sizes_match_reference_and_torch(isa, shape, dtype, rng):
         y = call(fn, x)
         assert_matches_reference(fn, y, x, dtype, what=f"{fn} {shape}")
         t = torch_fn(fn, x)
-        rtol, atol = tol(fn, dtype, scale=max(1.0, float(np.abs(t).max())))
+        rtol, atol = softmax_tol(fn, dtype, scale=max(1.0, float(np.abs(t).max())))
         np.testing.assert_allclose(np.asarray(y, np.float64), t, rtol=4 * rtol, atol=4 * atol,
                                    err_msg=f"{fn} vs torch {shape}")
 
@@ -191,7 +114,7 @@ def test_temperature(isa, temperature, dtype, rng):
                                  temperature=temperature)
         if dtype != BF16:
             t = torch_fn(fn, x, temperature=temperature)
-            rtol, atol = tol(fn, dtype, scale=max(1.0, float(np.abs(t).max())))
+            rtol, atol = softmax_tol(fn, dtype, scale=max(1.0, float(np.abs(t).max())))
             np.testing.assert_allclose(np.asarray(y, np.float64), t, rtol=4 * rtol,
                                        atol=4 * atol)
     # temperature T equals dividing the logits by T (within rounding)
@@ -274,7 +197,7 @@ def test_out_in_place_huge_row_split_across_threads(isa, fn, rng):
     """out=x with one row split across threads: pass 2 must not start before every
     thread finished pass 1 (else it would read already-overwritten logits)."""
     x0 = (2.0 * rng.standard_normal((1, 1 << 20))).astype(np.float32)
-    expected = ref(fn, x0)
+    expected = softmax_ref(fn, x0)
     x = x0.copy()
     with num_threads(4):
         assert call(fn, x, out=x) is x
@@ -399,41 +322,14 @@ def test_row_split_keeps_tail_columns(isa, threads, shape, rng):
 # -------------------------------------------------------------- extreme inputs
 
 INF, NAN = np.inf, np.nan
-EXTREME_ROWS = [
-    [1e4, -1e4, 0.0, 3.0, -2.5],            # huge spread
-    [-1e4, -1e4 + 1, -1e4 + 2, -1e4, -1e4],  # everything very negative
-    [1e4, 1e4, 1e4 - 1, 1e4, 1e4],           # everything very large
-    [-INF, 1.0, 2.0, -INF, 0.5],             # masked entries
-    [-INF, -INF, -INF, 3.0, -INF],           # one live entry
-    [-INF, -INF, -INF, -INF, -INF],          # all masked: lse -inf, softmax NaN
-    [NAN, 1.0, 2.0, 3.0, 4.0],               # NaN -> whole row NaN
-    [1.0, 2.0, 3.0, 4.0, NAN],
-    [NAN, -INF, 2.0, INF, 4.0],              # NaN beside +inf is still NaN
-    [0.5, -0.25, 1.0, 2.0, -3.0],            # ordinary row between the others
-]
-MASKED_ROWS = [3, 4, 5]  # rows whose filler entries are -inf
 
-
-def _extreme(rows, V, dtype, rng):
-    """Rows of length V holding the 5 given values at spread-out columns (different
-    chunks of 2048; at V=70000 different threads too), ordinary values elsewhere."""
-    rows = np.array(rows, np.float64)
-    if dtype == F16:
-        rows = np.where(np.abs(rows) == 1e4, np.sign(rows) * 6e4, rows)  # f16 max 65504
-    if V == rows.shape[1]:
-        return rows.astype(dtype)
-    x = rng.standard_normal((len(rows), V))
-    x[[r for r in MASKED_ROWS if r < len(rows)]] = -INF
-    x[:, [0, V // 3, V // 2 + 1, V - 2050, V - 1]] = rows
-    return x.astype(dtype)
-
-
+INF, NAN = np.inf, np.nan
 @pytest.mark.parametrize("V", [5, 3000, 70000])
 @pytest.mark.parametrize("dtype", [F32, F64, F16, BF16], ids=_dtype_id)
 def test_extreme_inputs(isa, dtype, V, rng):
     """±1e4, -inf, an all -inf row, NaN against the reference (same rounded inputs),
     element by element; also against torch for float32/float64."""
-    x = _extreme(EXTREME_ROWS, V, dtype, rng)
+    x = extreme_rows(EXTREME_ROWS, V, dtype, rng)
     for fn in FNS:
         y = call(fn, x)
         assert_matches_reference(fn, y, x, dtype, what=f"{fn} extreme")
@@ -446,13 +342,6 @@ def test_extreme_inputs(isa, dtype, V, rng):
             assert_nan_inf_equal(call(fn, x), torch_fn(fn, x), f"{fn} vs torch")
 
 
-PLUS_INF_ROWS = [
-    [INF, 1.0, 2.0, 3.0, 4.0],
-    [INF, -INF, 0.0, 1.0, 2.0],
-    [1.0, INF, INF, -1.0, 0.0],
-]
-
-
 @pytest.mark.parametrize("fn", ["logsumexp", "log_softmax",
                                 "softmax"])
 @pytest.mark.parametrize("V", [5, 3000])
@@ -460,7 +349,7 @@ PLUS_INF_ROWS = [
 def test_plus_inf_rows(isa, dtype, V, fn, rng):
     """+inf: lse = +inf (as torch); log_softmax = NaN at the +inf entries, -inf
     elsewhere; softmax = NaN at the +inf entries, 0 elsewhere (the reference)."""
-    x = _extreme(PLUS_INF_ROWS, V, dtype, rng)
+    x = extreme_rows(PLUS_INF_ROWS, V, dtype, rng)
     y = call(fn, x)
     assert_matches_reference(fn, y, x, dtype, what=f"{fn} +inf")
     if fn == "logsumexp":
@@ -553,7 +442,7 @@ def test_float32_accuracy_vs_torch(isa, case, fn, record_property):
     shape, offset, scale = ACC_CASES[case]
     rng = np.random.default_rng(zlib.crc32(case.encode()))
     x = (offset + scale * rng.standard_normal(shape)).astype(np.float32)
-    expected = ref(fn, x)
+    expected = softmax_ref(fn, x)
     with torch_threads(1):  # deterministic reduction order
         t = torch_fn(fn, x)
     err_torch = float(np.max(np.abs(t - expected)))

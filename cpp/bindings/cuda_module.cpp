@@ -208,15 +208,23 @@ void* vec(py::handle o, DType dtype, int64_t n, const std::string& name, bool wr
   return (void*)f.ptr;
 }
 
-const int64_t* ids(py::handle o, int64_t n, Call& c) {
+// A contiguous 1-D integer array (kind 'i' or 'u', `item` bytes) of n elements:
+// class ids and ranks (int64), row masks (uint8).
+void* int_vec(py::handle o, char kind, int item, int64_t n, const std::string& name, bool writable, Call& c) {
   py::object dt = o.attr("dtype");
-  const bool i64 = py::cast<std::string>(dt.attr("kind")) == "i" && py::cast<int>(dt.attr("itemsize")) == 8 &&
-                   py::cast<bool>(dt.attr("isnative"));
-  const Iface f = iface(o, "targets", 8, c);
-  if (!i64 || f.shape.size() != 1 || py::cast<int64_t>(f.shape[0]) != n || (n > 1 && f.strides[0] != 8) ||
-      f.ptr % 8 != 0)
-    fail("targets", "expected contiguous int64 of shape (" + std::to_string(n) + ",)");
-  return (const int64_t*)f.ptr;
+  const bool ok = py::cast<std::string>(dt.attr("kind")) == std::string(1, kind) &&
+                  py::cast<int>(dt.attr("itemsize")) == item && py::cast<bool>(dt.attr("isnative"));
+  const Iface f = iface(o, name, (size_t)item, c);
+  if (!ok || f.shape.size() != 1 || py::cast<int64_t>(f.shape[0]) != n || (n > 1 && f.strides[0] != item) ||
+      f.ptr % (uintptr_t)item != 0)
+    fail(name, std::string("expected contiguous ") + (kind == 'i' ? "int" : "uint") + std::to_string(8 * item) +
+                   " of shape (" + std::to_string(n) + ",)");
+  if (writable && f.readonly) fail(name, "array is read-only");
+  return (void*)f.ptr;
+}
+
+const int64_t* ids(py::handle o, int64_t n, Call& c) {
+  return (const int64_t*)int_vec(o, 'i', 8, n, "targets", false, c);
 }
 
 // Scratch device memory from CuPy's allocator (its pool, on its current
@@ -228,12 +236,13 @@ py::object scratch(size_t bytes, const Call& c) {
   return mem;
 }
 
+// scratch_fn: the bytes of scratch a call needs, or nullptr for none.
 template <class A, class F>
 void run(const A& args, const Call& c, size_t (*scratch_fn)(const A&, int), F launch, const char* what) {
   lmxent::cuda::Launch l;
   l.stream = c.stream;
   l.sm_count = sm_count(c.device);
-  py::object mem = scratch(scratch_fn(args, l.sm_count), c);
+  py::object mem = scratch(scratch_fn ? scratch_fn(args, l.sm_count) : 0, c);
   if (!mem.is_none()) l.scratch = (void*)py::cast<uintptr_t>(mem.attr("ptr"));
   int err;
   {
@@ -295,17 +304,64 @@ void cross_entropy(py::handle logits, py::handle targets, py::handle probs, py::
   run(a, c, &lmxent::cuda::cross_entropy_scratch, &lmxent::cuda::cross_entropy, "cross_entropy launch");
 }
 
-// (count, first row) of out-of-range class ids met on `device` since the last
-// call, read after the work queued on `stream`; clears the record.
+void token_stats(py::handle logits, py::handle targets, int64_t ignore_index, double scale, py::handle logprob,
+                 py::handle lse, py::handle entropy, py::handle top_prob, py::handle rank) {
+  Call c;
+  lmxent::TokenStatsArgs a;
+  a.logits = view(logits, "logits", false, c);
+  const DType ct = compute_of(a.logits.dtype);
+  const int64_t n = a.logits.rows;
+  a.targets = ids(targets, n, c);
+  a.ignore_index = ignore_index;
+  a.tr.scale = scale;
+  a.logprob = vec(logprob, ct, n, "logprob", true, c);
+  a.lse = vec(lse, ct, n, "lse", true, c);
+  a.entropy = vec(entropy, ct, n, "entropy", true, c);
+  a.top_prob = vec(top_prob, ct, n, "top_prob", true, c);
+  if (!rank.is_none()) a.rank = (int64_t*)int_vec(rank, 'i', 8, n, "rank", true, c);
+  run(a, c, &lmxent::cuda::token_stats_scratch, &lmxent::cuda::token_stats, "token_stats launch");
+}
+
+void kl_divergence(py::handle student, py::handle teacher, py::handle row_mask, double scale, int direction,
+                   py::handle loss, py::handle grad, double grad_scale, py::handle grad_rows) {
+  Call c;
+  lmxent::KLArgs a;
+  a.student = view(student, "student_logits", false, c);
+  a.teacher = view(teacher, "teacher_logits", false, c);
+  const DType ct = compute_of(a.student.dtype);
+  const int64_t n = a.student.rows;
+  if (a.teacher.dtype != a.student.dtype || a.teacher.rows != n || a.teacher.cols != a.student.cols)
+    fail("teacher_logits", "must have the student's shape and dtype");
+  if (!row_mask.is_none()) a.row_mask = (const uint8_t*)int_vec(row_mask, 'u', 1, n, "mask", false, c);
+  if (direction < 0 || direction > 2) fail("direction", "must be 0 (forward), 1 (reverse) or 2 (js)");
+  a.dir = (lmxent::KLDirection)direction;
+  a.tr.scale = scale;
+  a.loss = vec(loss, ct, n, "loss", true, c);
+  if (!grad.is_none()) {
+    a.grad = view(grad, "grad", true, c);
+    if (a.grad.dtype != a.student.dtype || a.grad.rows != n || a.grad.cols != a.student.cols)
+      fail("grad", "must have the shape and dtype of the student logits");
+  }
+  a.grad_scale = grad_scale;
+  a.grad_rows = vec(grad_rows, ct, n, "grad_output", false, c);
+  run<lmxent::KLArgs>(a, c, nullptr, &lmxent::cuda::kl_divergence, "kl_divergence launch");
+}
+
+// (count, first row) of out-of-range class ids met on `device` by
+// cross-entropy and token_stats since the last call, read after the work
+// queued on `stream`; clears the records.
 py::tuple take_status(int device, uintptr_t stream) {
   check(cudaSetDevice(device), "cudaSetDevice");
-  unsigned long long count = 0, first = 0;
+  unsigned long long count = 0, first = 0, count2 = 0, first2 = 0;
   int err;
   {
     py::gil_scoped_release nogil;
     err = lmxent::cuda::take_status((void*)stream, &count, &first);
+    if (err == (int)cudaSuccess) err = lmxent::cuda::take_token_stats_status((void*)stream, &count2, &first2);
   }
   check(err, "take_status");
+  count += count2;
+  if (first2 && (!first || first2 < first)) first = first2;  // row + 1, 0 for none
   return py::make_tuple(count, first ? py::object(py::int_(first - 1)) : py::object(py::none()));
 }
 
@@ -323,6 +379,12 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("class_weight"), py::arg("ignore_index"), py::arg("scale"), py::arg("softcap"),
         py::arg("smoothing"), py::arg("z_loss"), py::arg("loss"), py::arg("lse"), py::arg("lse_given"),
         py::arg("grad"), py::arg("grad_scale"), py::arg("grad_rows"));
+  m.def("token_stats", &token_stats, py::arg("logits"), py::arg("targets"), py::arg("ignore_index"),
+        py::arg("scale"), py::arg("logprob"), py::arg("lse"), py::arg("entropy"), py::arg("top_prob"),
+        py::arg("rank"));
+  m.def("kl_divergence", &kl_divergence, py::arg("student"), py::arg("teacher"), py::arg("row_mask"),
+        py::arg("scale"), py::arg("direction"), py::arg("loss"), py::arg("grad"), py::arg("grad_scale"),
+        py::arg("grad_rows"));
   m.def("take_status", &take_status, py::arg("device"), py::arg("stream"));
   m.def("device_count", &device_count, "CUDA devices this module can use (0 without a driver)");
   m.def("runtime_version", [] { return CUDART_VERSION; }, "CUDART_VERSION this module was built with");

@@ -97,16 +97,21 @@ struct KLOp {
   }
 
   // sum_j p log(p / m), sum_j q log(q / m) of a row (Jensen-Shannon, pass 2).
+  // Summed per chunk in C, across chunks in double.
   void js_sums(int64_t r, int64_t cols, const LseSplit<C>& ls, const LseSplit<C>& lt, double& js_p, double& js_q) const {
-    V<C> sp = {}, sq = {}, us, ut;
-    for (int64_t j = 0; j < cols; j += W) {
-      at(xs(r), xt(r), j, imin(W, cols - j), us, ut);
-      const Elem e = elem(us, ut, ls, lt, true);
-      sp += weighted<C, true>(e.p, e.lpm);
-      sq += weighted<C, true>(e.q, e.lqm);
+    js_p = js_q = 0;
+    for (int64_t b = 0; b < cols; b += kChunk) {
+      const int64_t c1 = imin(cols, b + kChunk);
+      V<C> sp = {}, sq = {}, us, ut;
+      for (int64_t j = b; j < c1; j += W) {
+        at(xs(r), xt(r), j, imin(W, c1 - j), us, ut);
+        const Elem e = elem(us, ut, ls, lt, true);
+        sp += weighted<C, true>(e.p, e.lpm);
+        sq += weighted<C, true>(e.q, e.lqm);
+      }
+      js_p += (double)hsum<C>(sp);
+      js_q += (double)hsum<C>(sq);
     }
-    js_p = (double)hsum<C>(sp);
-    js_q = (double)hsum<C>(sq);
   }
 
   void row(int64_t r) const {

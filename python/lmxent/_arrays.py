@@ -198,9 +198,9 @@ def check_cuda_errors(device=None):
         count, first = k.take_status(dev.id, cupy.cuda.get_current_stream().ptr)
     if count:
         raise ValueError(f"targets: {count} class id(s) out of range and not ignore_index "
-                         f"reached CUDA cross-entropy since the last check (the first at row "
-                         f"{first} of the flattened targets of its call); their loss and "
-                         "gradient rows are NaN")
+                         f"reached a CUDA cross-entropy or token_stats call since the last "
+                         f"check (the first at row {first} of the flattened targets of its "
+                         "call); their rows are NaN")
 
 
 def rows(x, name, *, need_view=False):
@@ -226,27 +226,35 @@ def rows(x, name, *, need_view=False):
     return x2, x.shape[:-1]
 
 
-def class_ids(targets, lead, V, ignore_index, name="targets"):
+def class_ids(targets, lead, V, ignore_index, name="targets", xp=np):
     """Validated class ids shaped `lead` -> (flat contiguous int64 ids, mask of the
-    non-ignored ones). Every id is in [0, V) or equal to ignore_index; the error
-    names the first bad position."""
-    t = targets if isinstance(targets, np.ndarray) else np.asarray(targets)
+    non-ignored ones), arrays of xp (the logits' library: host ids are copied to
+    the device). Every id is in [0, V) or equal to ignore_index; the error names
+    the first bad position. On CuPy the check runs on the device and costs one
+    host round trip; under set_cuda_validation('deferred') it is skipped and the
+    kernels handle (and record) a bad id."""
+    t = asarray(targets, name, xp)
     if t.dtype.kind not in "iu":
         raise TypeError(f"{name}: expected integer class ids, got dtype {t.dtype}")
     if t.shape != tuple(lead):
         raise ValueError(f"{name}: class ids must have shape {tuple(lead)} (the logits' "
                          f"shape without the vocabulary axis), got {t.shape}")
-    # Checked in the ids' own dtype: the cast to int64 would wrap uint64 ids
-    # >= 2**63 to negative values (even onto ignore_index).
-    flat = t.reshape(-1)
-    valid = flat != ignore_index
-    bad = valid & ((flat < 0) | (flat >= V))
-    if bad.any():
-        i = int(np.argmax(bad))
-        pos = tuple(int(k) for k in np.unravel_index(i, lead)) if lead else ()
-        raise ValueError(f"{name}: value {flat[i]} at position {pos} is out of range "
-                         f"[0, {V}) and is not ignore_index ({ignore_index})")
-    return np.require(flat, np.int64, "CA"), valid
+    flat = ids = t.reshape(-1)
+    if flat.dtype == np.uint64:
+        # The cast to int64 would wrap ids >= 2**63 to negative values (even onto
+        # ignore_index): they become an out-of-range id that is not ignore_index.
+        wrap = flat > np.uint64(np.iinfo(np.int64).max)
+        ids = xp.where(wrap, np.uint64(V if ignore_index != V else V + 1), flat)
+    ids = ids.astype(np.int64, copy=False)
+    valid = ids != ignore_index
+    if cuda_eager(xp):
+        bad = valid & ((ids < 0) | (ids >= V))
+        if bad.any():
+            i = int(xp.argmax(bad))
+            pos = tuple(int(k) for k in np.unravel_index(i, lead)) if lead else ()
+            raise ValueError(f"{name}: value {int(flat[i])} at position {pos} is out of range "
+                             f"[0, {V}) and is not ignore_index ({ignore_index})")
+    return require(ids, np.int64), valid
 
 
 def real(value, name):

@@ -17,10 +17,16 @@ Reductions: "none" (per row, masked rows 0), "sum", "batchmean" (the sum divided
 the number of rows counted, i.e. not masked: torch's batchmean divides by the batch
 size, which differs only when a mask is given; 0 rows counted give 0.0). torch's
 "mean" (divide by rows * V) is not the mean KL and is refused.
+
+NumPy logits run on the CPU kernel. CuPy logits run on the CUDA kernel, on CuPy's
+current stream, and stay on the device (a host teacher, mask or grad_output is
+copied there): the loss is a 0-d CuPy array and the "batchmean" count of a mask
+is taken on the device, so a call never waits for the GPU.
 """
 import numpy as np
 
 from . import _arrays as A
+from .cross_entropy import _mean
 
 _DIRECTIONS = {"forward": 0, "reverse": 1, "js": 2}
 _REDUCTIONS = ("none", "sum", "batchmean")
@@ -44,10 +50,13 @@ def kl_divergence(student_logits, teacher_logits, *, temperature=1.0, direction=
     if inplace and not return_grad:
         raise ValueError("inplace=True writes the gradient: it needs return_grad=True")
     s = A.as_float_array(student_logits, "student_logits", inplace=inplace)
+    xp = A.array_module(s)
     t = A.as_float_array(teacher_logits, "teacher_logits")
+    if A.array_module(t) is not xp:  # a host teacher goes to the device; the reverse is refused
+        t = A.asarray(t, "teacher_logits", xp)
     if t.shape != s.shape:
         raise ValueError(f"teacher_logits: expected the student's shape {s.shape}, got {t.shape}")
-    if inplace and np.shares_memory(s, t):
+    if inplace and (np.shares_memory if xp is np else xp.may_share_memory)(s, t):
         raise ValueError("inplace=True: teacher_logits shares memory with student_logits, "
                          "which the gradient would overwrite")
     if t.dtype != s.dtype:
@@ -60,39 +69,27 @@ def kl_divergence(student_logits, teacher_logits, *, temperature=1.0, direction=
 
     m = None
     if mask is not None:
-        m = np.asarray(mask)
+        m = A.asarray(mask, "mask", xp)
         if m.dtype != np.bool_:
             raise TypeError(f"mask: expected a boolean array, got dtype {m.dtype}")
         if m.shape != lead:
             raise ValueError(f"mask: expected shape {lead} (the logits' shape without the "
                              f"vocabulary axis), got {m.shape}")
-        m = np.require(m.reshape(-1).view(np.uint8), np.uint8, "CA")
-    counted = n if m is None else int(np.count_nonzero(m))
+        m = A.require(m.reshape(-1), np.uint8)
+    # rows counted: on the device for a CuPy mask (no round trip)
+    counted = n if m is None else int(np.count_nonzero(m)) if xp is np else xp.count_nonzero(m)
 
     grad_scale, grad_rows = 1.0, None
     g2 = g = None
     if return_grad:
-        go = A.real_array(grad_output, "grad_output")
-        if go.ndim == 0:
-            grad_scale = float(go)
-            if reduction == "batchmean":
-                grad_scale = grad_scale / counted if counted else 0.0
-        elif reduction != "none":
-            raise ValueError(f"grad_output must be a scalar for reduction={reduction!r}")
-        else:
-            try:
-                go = np.broadcast_to(go, lead)
-            except ValueError:
-                raise ValueError(f"grad_output: shape {go.shape} does not broadcast to the "
-                                 f"per-row loss shape {lead}") from None
-            grad_rows = np.require(go.reshape(-1), ct, "CA")
+        grad_scale, grad_rows = _grad_factors(grad_output, reduction, counted, lead, ct, xp)
         if inplace:
             g2, g = s2, s
         else:
-            g = np.empty(s.shape, s.dtype)
+            g = xp.empty(s.shape, s.dtype)
             g2 = g.reshape(s2.shape)
 
-    loss = np.empty(n, ct)
+    loss = xp.empty(n, ct)
     A.kernels(s).kl_divergence(s2, t2, m, scale, _DIRECTIONS[direction], loss, g2, grad_scale,
                                grad_rows)
     if reduction == "none":
@@ -100,6 +97,31 @@ def kl_divergence(student_logits, teacher_logits, *, temperature=1.0, direction=
     else:
         total = loss.sum(dtype=np.float64)
         if reduction == "batchmean":
-            total = total / counted if counted else 0.0
-        out = np.asarray(total, dtype=ct)
+            total = _mean(total, counted, xp)
+        out = xp.asarray(total, dtype=ct)
     return (out, g) if return_grad else out
+
+
+def _grad_factors(grad_output, reduction, counted, lead, ct, xp):
+    """(grad_scale, grad_rows) for the kernel. On CuPy a device grad_output, or a
+    "batchmean" whose count is on the device, becomes per-row factors on the
+    device: no host round trip."""
+    device = xp is not np and A._is_cupy(grad_output)
+    go = A.real_array(grad_output, "grad_output", xp if device else np)
+    if go.ndim == 0:
+        g = go.astype(np.float64) if device else float(go)
+        if reduction == "batchmean":
+            g = _mean(g, counted, xp)
+        if not A._is_cupy(g):
+            return float(g), None
+        n = int(np.prod(lead, dtype=np.int64))
+        return 1.0, A.require(xp.broadcast_to(xp.asarray(g, dtype=ct), (n,)), ct)
+    if reduction != "none":
+        raise ValueError(f"grad_output must be a scalar for reduction={reduction!r}")
+    go = A.asarray(go, "grad_output", xp)
+    try:
+        go = xp.broadcast_to(go, lead)
+    except ValueError:
+        raise ValueError(f"grad_output: shape {go.shape} does not broadcast to the "
+                         f"per-row loss shape {lead}") from None
+    return 1.0, A.require(go.reshape(-1), ct)

@@ -320,6 +320,11 @@ def kl_divergence(student_logits, teacher_logits, *, temperature=1.0, direction=
             g = weighted(p, (ls - lm) / 2 - kl_p[..., None] / 2)
         else:
             raise ValueError(f"unknown direction {direction!r}")
+    # NaN where either softmax is undefined (a NaN, +inf, or no finite logit)
+    defined = np.isfinite(logsumexp(student_logits, temperature=temperature)) & \
+        np.isfinite(logsumexp(teacher_logits, temperature=temperature))
+    kl = np.where(defined, kl, np.nan)
+    g = np.where(defined[..., None], g, np.nan)
     keep = np.ones(kl.shape, bool) if mask is None else np.asarray(mask, bool)
     kl = np.where(keep, kl, 0.0)
     count = int(keep.sum())

@@ -16,6 +16,13 @@ Ignored targets (== ignore_index) get logprob 0, correct False and rank -1; lse,
 entropy and top_prob do not depend on the target and are computed for them too.
 A row containing NaN has NaN float statistics, correct False and rank -1; a row
 whose softmax is undefined (+inf, or all -inf) has NaN entropy and top_prob.
+
+NumPy logits run on the CPU kernel. CuPy logits run on the CUDA kernel, on
+CuPy's current stream, and the statistics are CuPy arrays; host class ids are
+copied to the device. The class ids are checked on the device with one host
+round trip per call, unless validation is deferred
+(lmxent._arrays.set_cuda_validation): then an out-of-range id gets a NaN
+logprob and rank -1 and is reported by check_cuda_errors().
 """
 from collections import namedtuple
 
@@ -35,16 +42,17 @@ def token_stats(logits, targets, *, ignore_index=-100, temperature=1.0):
     in one read of the logits. Returns a TokenStats named tuple of arrays shaped
     like `targets` (see the module docstring for the conventions)."""
     x = A.as_float_array(logits, "logits")
+    xp = A.array_module(x)
     x2, lead = A.rows(x, "logits")
     n, V = x2.shape
     ignore_index = A.integer(ignore_index, "ignore_index")
     if not -2**63 <= ignore_index < 2**63:  # the kernel takes an int64
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
-    ids, _ = A.class_ids(targets, lead, V, ignore_index)
     scale = 1.0 / A.positive(temperature, "temperature")
+    ids, _ = A.class_ids(targets, lead, V, ignore_index, xp=xp)  # last: on CuPy a round trip
     ct = A.compute_dtype(x.dtype)
-    out = [np.empty(n, ct) for _ in range(4)]  # logprob, lse, entropy, top_prob
-    rank = np.empty(n, np.int64)
+    out = [xp.empty(n, ct) for _ in range(4)]  # logprob, lse, entropy, top_prob
+    rank = xp.empty(n, np.int64)
     A.kernels(x).token_stats(x2, ids, ignore_index, scale, *out, rank)
     logprob, lse, entropy, top_prob = (o.reshape(lead) for o in out)
     rank = rank.reshape(lead)
