@@ -78,7 +78,6 @@ def bench_shape(N, V, repeats, threads):
 
     k = min(N, 32)
     ref = R.token_stats(x[:k], t[:k])
-    ref_kl = R.kl_divergence(x[:k], y[:k], reduction="none")
     ref_grad = R.kl_divergence(x[:k], y[:k], reduction="sum", return_grad=True)[1] / N
     names = ("logprob", "lse", "entropy", "correct", "top_prob", "rank")
 

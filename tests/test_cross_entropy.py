@@ -10,8 +10,7 @@ from hypothesis import strategies as st
 import lmxent as lx
 from lmxent import reference as ref
 
-from conftest import (numeric_grad, BF16, DTYPE_IDS, DTYPES, F16, F32, F64, LOWP_DTYPES, LOWP_IDS,
-                      assert_grad_close, assert_loss_close, dtype_id, grad_scale, loss_dtype,
+from conftest import (numeric_grad, BF16, DTYPE_IDS, DTYPES, F16, F32, F64, assert_grad_close, assert_loss_close, dtype_id, grad_scale, loss_dtype,
                       lowp,
                       num_threads, torch, torch_ce_with_grad)
 

@@ -7,8 +7,8 @@ import pytest
 
 import lmxent as lx
 from lmxent import reference as R
-from conftest import (DTYPE_IDS, DTYPES, F64, assert_grad_close, assert_loss_close,  # noqa: F401
-                      dtype_id, isa, lowp, numeric_grad, torch)
+from conftest import (DTYPE_IDS, DTYPES, F64, assert_grad_close, assert_loss_close, lowp,
+                      numeric_grad, torch)
 
 DIRECTIONS = ["forward", "reverse", "js"]
 # gradient tolerance: float32 error is absolute, relative to the row's gradient scale (<= 2 / T)

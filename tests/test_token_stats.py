@@ -6,7 +6,7 @@ import pytest
 
 import lmxent as lx
 from lmxent import reference as R
-from conftest import (BF16, DTYPE_IDS, DTYPES, F64, assert_loss_close, cpu_isa, isa,  # noqa: F401
+from conftest import (DTYPE_IDS, DTYPES, F64, assert_loss_close,
                       lowp, num_threads, torch)
 
 FLOATS = ("logprob", "lse", "entropy", "top_prob")

@@ -226,6 +226,31 @@ def rows(x, name, *, need_view=False):
     return x2, x.shape[:-1]
 
 
+def int64_ids(flat, V, ignore_index, xp=np):
+    """(int64 ids, mask of the non-ignored) of flat integer class ids. uint64 ids
+    >= 2**63, which the cast to int64 would wrap to negative values (even onto
+    ignore_index), become an out-of-range id that is not ignore_index."""
+    ids = flat
+    if flat.dtype == np.uint64:
+        wrap = flat > np.uint64(np.iinfo(np.int64).max)
+        ids = xp.where(wrap, np.uint64(V if ignore_index != V else V + 1), flat)
+    ids = ids.astype(np.int64, copy=False)
+    return ids, ids != ignore_index
+
+
+def bad_ids(flat, ids, valid, V, lead, ignore_index, name="targets", xp=np):
+    """(whether any non-ignored id is outside [0, V) -- a device boolean on CuPy --,
+    a function making the ValueError that names the first one and its position)."""
+    bad = valid & ((ids < 0) | (ids >= V))
+
+    def error():
+        i = int(xp.argmax(bad))
+        pos = tuple(int(k) for k in np.unravel_index(i, lead)) if lead else ()
+        return ValueError(f"{name}: value {int(flat[i])} at position {pos} is out of range "
+                          f"[0, {V}) and is not ignore_index ({ignore_index})")
+    return bad.any(), error
+
+
 def class_ids(targets, lead, V, ignore_index, name="targets", xp=np):
     """Validated class ids shaped `lead` -> (flat contiguous int64 ids, mask of the
     non-ignored ones), arrays of xp (the logits' library: host ids are copied to
@@ -239,21 +264,12 @@ def class_ids(targets, lead, V, ignore_index, name="targets", xp=np):
     if t.shape != tuple(lead):
         raise ValueError(f"{name}: class ids must have shape {tuple(lead)} (the logits' "
                          f"shape without the vocabulary axis), got {t.shape}")
-    flat = ids = t.reshape(-1)
-    if flat.dtype == np.uint64:
-        # The cast to int64 would wrap ids >= 2**63 to negative values (even onto
-        # ignore_index): they become an out-of-range id that is not ignore_index.
-        wrap = flat > np.uint64(np.iinfo(np.int64).max)
-        ids = xp.where(wrap, np.uint64(V if ignore_index != V else V + 1), flat)
-    ids = ids.astype(np.int64, copy=False)
-    valid = ids != ignore_index
+    flat = t.reshape(-1)
+    ids, valid = int64_ids(flat, V, ignore_index, xp)
     if cuda_eager(xp):
-        bad = valid & ((ids < 0) | (ids >= V))
-        if bad.any():
-            i = int(xp.argmax(bad))
-            pos = tuple(int(k) for k in np.unravel_index(i, lead)) if lead else ()
-            raise ValueError(f"{name}: value {int(flat[i])} at position {pos} is out of range "
-                             f"[0, {V}) and is not ignore_index ({ignore_index})")
+        failed, error = bad_ids(flat, ids, valid, V, tuple(lead), ignore_index, name, xp)
+        if failed:
+            raise error()
     return require(ids, np.int64), valid
 
 
@@ -271,6 +287,14 @@ def integer(value, name):
         return operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an integer, got {value!r}") from None
+
+
+def ignore_index(value):
+    """ignore_index as a Python int that fits the kernels' int64."""
+    v = integer(value, "ignore_index")
+    if not -2**63 <= v < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {v}")
+    return v
 
 
 def positive(value, name, *, allow_none=False):

@@ -17,18 +17,6 @@ import numpy as np
 from . import _arrays as A
 
 _REDUCTIONS = ("none", "mean", "sum")
-_INT64 = np.iinfo(np.int64)
-
-
-def _class_ids(t, V, ignore_index, xp):
-    """(int64 ids, mask of the non-ignored) of flat class ids. uint64 ids >= 2**63,
-    which the cast to int64 would wrap to negative values (even onto ignore_index),
-    become an out-of-range id that is not ignore_index."""
-    if t.dtype == np.uint64:
-        wrap = t > np.uint64(_INT64.max)
-        t = xp.where(wrap, np.uint64(V if ignore_index != V else V + 1), t)
-    ids = t.astype(np.int64, copy=False)
-    return ids, ids != ignore_index
 
 
 def _mean(total, denom, xp):
@@ -58,9 +46,7 @@ class _Problem:
         self.z_loss = A.finite(z_loss, "z_loss", 0.0)
         self.softcap = A.positive(softcap, "softcap", allow_none=True)
         self.scale = A.positive(logit_scale, "logit_scale")
-        self.ignore_index = A.integer(ignore_index, "ignore_index")
-        if not _INT64.min <= self.ignore_index <= _INT64.max:  # the kernel takes an int64
-            raise ValueError(f"ignore_index must fit in int64, got {self.ignore_index}")
+        self.ignore_index = A.ignore_index(ignore_index)
         if normalizer is not None and reduction != "mean":
             raise ValueError("normalizer is only allowed with reduction='mean'")
         normalizer = A.positive(normalizer, "normalizer", allow_none=True)
@@ -92,17 +78,9 @@ class _Problem:
                 raise ValueError(f"targets: class ids must have shape {self.lead} (the logits' "
                                  f"shape without the vocabulary axis), got {t.shape}")
             flat = t.reshape(-1)
-            ids, valid = _class_ids(flat, V, self.ignore_index, xp)
+            ids, valid = A.int64_ids(flat, V, self.ignore_index, xp)
             if eager:
-                bad = valid & ((ids < 0) | (ids >= V))
-
-                def bad_target():
-                    i = int(xp.argmax(bad))
-                    pos = tuple(int(k) for k in np.unravel_index(i, self.lead)) if self.lead else ()
-                    return ValueError(f"targets: value {int(flat[i])} at position {pos} is out of "
-                                      f"range [0, {V}) and is not ignore_index "
-                                      f"({self.ignore_index})")
-                check(bad.any(), bad_target)
+                check(*A.bad_ids(flat, ids, valid, V, self.lead, self.ignore_index, xp=xp))
             self.tids = tids = A.require(ids, np.int64)
             if normalizer is not None or reduction != "mean":
                 denom = normalizer or 0.0  # only a "mean" divides

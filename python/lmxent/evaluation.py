@@ -33,7 +33,6 @@ Calibration = namedtuple("Calibration", "ece mce bin_edges counts accuracy confi
 Calibration.__doc__ = """ece, mce (0-d float64), bin_edges (n_bins + 1,), counts (n_bins,)
 int64, and per-bin mean accuracy and mean confidence (n_bins,) float64, NaN for empty bins."""
 
-_INT64 = np.iinfo(np.int64)
 
 
 def _asarray(x):
@@ -111,9 +110,7 @@ def sequence_scores(logits, tokens, *, shift=True, mask=None, ignore_index=-100)
     if tokens.shape != x.shape[:-1]:
         raise ValueError(f"tokens: expected shape {x.shape[:-1]} (the logits' shape without "
                          f"the vocabulary axis), got {tokens.shape}")
-    ignore_index = A.integer(ignore_index, "ignore_index")
-    if not _INT64.min <= ignore_index <= _INT64.max:
-        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+    ignore_index = A.ignore_index(ignore_index)
     xp = A.array_module(x)
 
     keep = tokens != ignore_index

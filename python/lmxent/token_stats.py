@@ -45,9 +45,7 @@ def token_stats(logits, targets, *, ignore_index=-100, temperature=1.0):
     xp = A.array_module(x)
     x2, lead = A.rows(x, "logits")
     n, V = x2.shape
-    ignore_index = A.integer(ignore_index, "ignore_index")
-    if not -2**63 <= ignore_index < 2**63:  # the kernel takes an int64
-        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+    ignore_index = A.ignore_index(ignore_index)
     scale = 1.0 / A.positive(temperature, "temperature")
     ids, _ = A.class_ids(targets, lead, V, ignore_index, xp=xp)  # last: on CuPy a round trip
     ct = A.compute_dtype(x.dtype)
