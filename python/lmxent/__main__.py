@@ -1,11 +1,15 @@
-"""python -m lmxent: a self-check of the kernels on this machine.
+"""python -m lmxent [check | bench | demo]
 
-Every kernel runs on random data of a few shapes and dtypes (awkward sizes
-included) and is compared with lmxent.reference (float64, on the same rounded
-inputs). One line per op: its worst error relative to the largest reference
-value, the tolerance, pass or FAIL. Then the instruction set and threads in
-use, and a quick timing against a plain NumPy implementation. The exit status
-is 1 if any check fails."""
+check (the default): every kernel runs on random data of a few shapes and dtypes
+(awkward sizes included) and is compared with lmxent.reference (float64, on the
+same rounded inputs). One line per op: its worst error relative to the largest
+reference value, the tolerance, pass or FAIL. Then the instruction set and
+threads in use, and a quick timing against a plain NumPy implementation. The exit
+status is 1 if any check fails.
+
+bench: lmxent against the peers installed on this machine (python -m lmxent bench -h).
+demo: trains a small byte-level language model end to end (python -m lmxent demo -h).
+"""
 import argparse
 import sys
 import time
@@ -13,12 +17,11 @@ import time
 import numpy as np
 
 import lmxent as lx
+from lmxent import bench, demo
 from lmxent import reference as R
+from lmxent._cli import EPS, rel_error
 
 SHAPES = [(1, 1), (3, 7), (33, 1000), (4, 50257), (2, 70001)]
-# 16-bit outputs are rounded once to their dtype; everything else is computed in
-# float32 (float64 for float64) and may carry a few units of its last place.
-EPS = {"float64": 2.0**-52, "float32": 2.0**-23, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 OPTIONS = dict(label_smoothing=0.1, z_loss=1e-4, softcap=30.0, logit_scale=0.5,
                ignore_index=0)
 
@@ -82,21 +85,6 @@ def _ops():
     }
 
 
-def rel_error(got, want):
-    """max |got - want| / max |want| over the finite reference values (absolute
-    where the reference is all zeros). NaN and inf must sit where the reference
-    has them: a mismatch counts as an infinite error."""
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    fin = np.isfinite(want)
-    if not np.array_equal(np.isfinite(got), fin) or not np.array_equal(
-            np.nan_to_num(got[~fin]), np.nan_to_num(want[~fin])):
-        return float("inf")
-    if not fin.any():
-        return 0.0
-    peak = float(np.max(np.abs(want[fin])))
-    return float(np.max(np.abs(got[fin] - want[fin]))) / (peak if peak > 0 else 1.0)
-
-
 def check(verbose=True):
     rng = np.random.default_rng(2026)
     failed = 0
@@ -153,11 +141,7 @@ def timing():
           f"NumPy {theirs * 1e3:.1f} ms ({theirs / ours:.1f}x)")
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m lmxent", description=__doc__.split("\n")[0])
-    ap.add_argument("command", nargs="?", default="check", choices=["check"],
-                    help="check (default): compare every kernel with lmxent.reference")
-    ap.parse_args(argv)
+def self_check():
     info = lx.cpu_info()
     print(f"lmxent {lx.__version__}: CPU kernels {info['isa']} (available: "
           f"{', '.join(info['available'])}), {info['threads']} threads, numpy {np.__version__}"
@@ -168,6 +152,23 @@ def main(argv=None):
     timing()
     print(f"{'all checks passed' if not failed else f'{failed} check(s) FAILED'}")
     return 1 if failed else 0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m lmxent", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", metavar="{check,bench,demo}")
+    sub.add_parser("check", help="compare every kernel with lmxent.reference (the default)")
+    for name, module, what in (("bench", bench, "lmxent against the peers on this machine"),
+                               ("demo", demo, "train a byte-level language model end to end")):
+        p = sub.add_parser(name, help=what, description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(run=module.run, parser=p)
+    args = ap.parse_args(argv)
+    if args.command in (None, "check"):
+        return self_check()
+    return args.run(args, args.parser)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,336 @@
+"""The LM head without materialising the logits: cross-entropy of
+`hidden @ weight.T (+ bias)` and its gradients, computed a chunk of token rows at
+a time, so that no more than `chunk rows x V` logits exist at once.
+
+Per chunk: the logits go into ONE reused buffer (the array library's BLAS:
+NumPy's on the CPU, cuBLAS through CuPy), the fused cross-entropy kernel turns
+that buffer into the gradient in place, already multiplied by grad_output and
+divided by the global "mean" denominator (so there is no second pass), and
+three more products consume it:
+
+    d_hidden[chunk] = g @ weight      d_weight += g.T @ hidden[chunk]      d_bias += g.sum(0)
+
+Conventions are those of lmxent.cross_entropy (see lmxent.reference): the class
+weights are called `class_weight` here because `weight` is the (V, D) matrix.
+A "mean" over zero non-ignored tokens is 0 with zero gradients. Losses (and log
+probabilities, LSE) are float32 (float64 for float64 inputs); per-token losses
+are summed in float64, so the result does not depend on the chunk size beyond
+the rounding of the matrix products.
+
+Memory, besides the outputs: the logits buffer (chunk rows x V in float32, or
+float64 for float64 input) and scratch of O(chunk rows x D + 2**20) elements.
+16-bit inputs (float16, bfloat16) have no BLAS in NumPy: the weight is copied
+to float32 once (V x D x 4 bytes) and d_weight is accumulated in float32 (another
+V x D x 4 bytes) before the cast to the input dtype, as are d_hidden and d_bias
+(accumulating 16-bit gradients over chunks is a known source of divergence).
+
+Written once against the input's array module (numpy or cupy; DESIGN principle 5).
+The one host synchronisation is for the "mean" denominator and target validation,
+before the first chunk.
+"""
+import numpy as np
+
+from . import _arrays as A
+from .cross_entropy import cross_entropy, cross_entropy_with_grad
+
+_REDUCTIONS = ("none", "mean", "sum")
+_INT64 = np.iinfo(np.int64)
+
+# Default chunk: a logits buffer no larger than the hidden states, but at least
+# this many rows. Measured on a 2-core AVX2 machine (OpenBLAS, D=512): the first
+# product runs at ~60 GFLOP/s with 16-row chunks (what the hidden-state budget
+# gives at V=128256 for 4096 tokens) against ~165 with 256 rows and ~180 at full
+# size, because a thin chunk re-reads the whole weight for few rows. 256 rows at
+# N=4096 keep the buffer at 6.25% of the full logits.
+MIN_CHUNK_ROWS = 256
+
+# d_weight += g.T @ h: NumPy's and CuPy's matmul cannot accumulate (no BLAS
+# beta=1) and a (V, D) temporary would cost as much as the logits buffer saves,
+# so the product goes through a temporary of at most this many elements (and no
+# larger than the logits buffer), one block of the vocabulary at a time, and is
+# added in (measured: within 10% of a
+# plain out= product at 256 rows per chunk, 3% at 1024).
+_BLOCK_ELEMS = 1 << 20
+
+
+class _Head:
+    """Validated arrays and sizes of one call: hidden as (N, D) rows, the weight
+    (and bias) in the compute dtype, flat targets, and the chunk row count."""
+
+    def __init__(self, hidden, weight, targets, bias, ignore_index, chunk_size,
+                 memory_budget):
+        h = A.as_float_array(hidden, "hidden")
+        if h.ndim < 1:
+            raise ValueError("hidden: expected shape (..., D), got a scalar")
+        D = h.shape[-1]
+        if D == 0:
+            raise ValueError("hidden: the feature axis is empty (D = 0)")
+        self.lead = h.shape[:-1]
+        self.N = N = int(np.prod(self.lead, dtype=np.int64))
+        if N == 0:
+            raise ValueError(f"hidden: no tokens (shape {h.shape})")
+        self.xp = xp = A.array_module(h)
+        self.dtype, self.ct = h.dtype, A.compute_dtype(h.dtype)
+
+        w = A.as_float_array(weight, "weight")
+        if w.ndim != 2 or w.shape[1] != D:
+            raise ValueError(f"weight: expected shape (V, {D}) (the vocabulary by hidden's "
+                             f"last axis), got {w.shape}")
+        self.V = V = w.shape[0]
+        if V == 0:
+            raise ValueError("weight: the vocabulary is empty (V = 0)")
+        self._same_dtype(w, "weight")
+        self.b = None
+        if bias is not None:
+            b = A.as_float_array(bias, "bias")
+            if b.shape != (V,):
+                raise ValueError(f"bias: expected shape ({V},), got {b.shape}")
+            self._same_dtype(b, "bias")
+            self.b = b.astype(self.ct, copy=False)
+
+        self.ignore_index = A.integer(ignore_index, "ignore_index")
+        if not _INT64.min <= self.ignore_index <= _INT64.max:  # the kernel takes an int64
+            raise ValueError(f"ignore_index must fit in int64, got {self.ignore_index}")
+        t = targets if isinstance(targets, xp.ndarray) else xp.asarray(targets)
+        if t.dtype.kind not in "iu":
+            raise TypeError(f"targets: expected integer class ids, got dtype {t.dtype} "
+                            "(probability targets would be as large as the logits: use "
+                            "lx.cross_entropy on materialised logits)")
+        if t.shape != self.lead:
+            raise ValueError(f"targets: expected shape {self.lead} (hidden's shape without "
+                             f"the feature axis), got {t.shape}")
+        flat = t.reshape(-1)
+        self.valid = flat != self.ignore_index
+        bad = self.valid & ((flat < 0) | (flat >= V))
+        if bool(bad.any()):
+            i = int(xp.argmax(bad))
+            pos = tuple(int(k) for k in np.unravel_index(i, self.lead)) if self.lead else ()
+            raise ValueError(f"targets: value {int(flat[i])} at position {pos} is out of "
+                             f"range [0, {V}) and is not ignore_index ({self.ignore_index})")
+        self.t = flat
+
+        self.rows = self._chunk_rows(chunk_size, memory_budget, h.nbytes)
+        self.hidden = h
+        self.h2 = h.reshape(N, D)
+        # The products need a BLAS layout: C or F order (weight.T of a (D, V) array
+        # is fine); anything else is copied once.
+        if w.dtype != self.ct or not (w.flags.c_contiguous or w.flags.f_contiguous):
+            w = xp.ascontiguousarray(w, dtype=self.ct)
+        self.w = w
+
+    def _same_dtype(self, a, name):
+        if a.dtype != self.dtype:
+            raise TypeError(f"{name}: dtype {a.dtype} differs from hidden's dtype "
+                            f"{self.dtype} (cast one of them)")
+
+    def _chunk_rows(self, chunk_size, memory_budget, hidden_nbytes):
+        row_bytes = self.V * self.ct.itemsize
+        if chunk_size is not None and memory_budget is not None:
+            raise ValueError("give chunk_size or memory_budget, not both")
+        if chunk_size is not None:
+            rows = A.integer(chunk_size, "chunk_size")
+            if rows <= 0:
+                raise ValueError(f"chunk_size must be a positive number of rows, got {rows}")
+        elif memory_budget is not None:
+            budget = A.integer(memory_budget, "memory_budget")
+            if budget <= 0:
+                raise ValueError(f"memory_budget must be a positive number of bytes, got {budget}")
+            rows = budget // row_bytes
+            if rows <= 0:
+                raise ValueError(f"memory_budget: {budget} bytes is less than one row of "
+                                 f"logits ({self.V} x {self.ct.itemsize} bytes)")
+        else:
+            rows = max(hidden_nbytes // row_bytes, MIN_CHUNK_ROWS)
+        return min(rows, self.N)
+
+    def chunks(self):
+        """Yield (rows slice, hidden rows in the compute dtype, their logits) chunk by
+        chunk. The logits are a view of one buffer that the next chunk overwrites: a
+        consumer may overwrite it too (the in-place gradient)."""
+        xp = self.xp
+        buf = xp.empty((self.rows, self.V), self.ct)
+        wT = self.w.T
+        for start in range(0, self.N, self.rows):
+            sl = slice(start, min(start + self.rows, self.N))
+            h = self.h2[sl].astype(self.ct, copy=False)
+            z = buf[: sl.stop - sl.start]
+            xp.matmul(h, wT, out=z)
+            if self.b is not None:
+                xp.add(z, self.b, out=z)
+            yield sl, h, z
+
+
+def _loss_options(head, class_weight, reduction, label_smoothing, z_loss, softcap,
+                  logit_scale, normalizer):
+    """Validated cross-entropy options for the per-chunk kernel calls, and the
+    global "mean" denominator."""
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if normalizer is not None and reduction != "mean":
+        raise ValueError("normalizer is only allowed with reduction='mean'")
+    normalizer = A.positive(normalizer, "normalizer", allow_none=True)
+    cw = None
+    if class_weight is not None:
+        cw = A.real_array(class_weight, "class_weight")
+        if cw.shape != (head.V,):
+            raise ValueError(f"class_weight: expected shape ({head.V},) (one weight per "
+                             f"class), got {cw.shape}")
+        cw = head.xp.ascontiguousarray(cw, dtype=head.ct)
+        if not bool(head.xp.isfinite(cw).all()):
+            raise ValueError("class_weight: contains a non-finite value")
+    opts = dict(weight=cw, ignore_index=head.ignore_index,
+                label_smoothing=A.finite(label_smoothing, "label_smoothing", 0.0, 1.0),
+                z_loss=A.finite(z_loss, "z_loss", 0.0),
+                softcap=A.positive(softcap, "softcap", allow_none=True),
+                logit_scale=A.positive(logit_scale, "logit_scale"))
+    if normalizer is not None:
+        denom = normalizer
+    elif cw is None:
+        denom = int(head.valid.sum())
+    else:  # the same sum as lx.cross_entropy's: float32 weights added in float64
+        denom = float(cw[head.t[head.valid]].sum(dtype=np.float64))
+    return opts, denom
+
+
+def _grad_factor(head, reduction, denom, grad_output):
+    """grad_output as the kernel's per-chunk factor: a scalar already divided by the
+    "mean" denominator, or per-token values (N,) for reduction='none'."""
+    g = A.real_array(grad_output, "grad_output")
+    if g.ndim == 0:
+        g = float(g)
+        if reduction == "mean":
+            g = g / denom if denom != 0 else 0.0  # a mean over nothing: zero gradient
+        return g
+    if reduction != "none":
+        raise ValueError(f"grad_output must be a scalar for reduction={reduction!r}")
+    try:
+        g = np.broadcast_to(g, head.lead)
+    except ValueError:
+        raise ValueError(f"grad_output: shape {g.shape} does not broadcast to the per-token "
+                         f"loss shape {head.lead}") from None
+    return head.xp.ascontiguousarray(g.reshape(-1), dtype=head.ct)
+
+
+class _Grads:
+    """d_hidden, d_weight and d_bias, fed one chunk of logit gradients at a time.
+    Accumulators are float32 for 16-bit inputs (for float32/float64 inputs they are
+    the outputs themselves)."""
+
+    def __init__(self, head):
+        xp, ct, N, V = head.xp, head.ct, head.N, head.V
+        self.head, D = head, head.h2.shape[1]
+        self.d_hidden = xp.empty((N, D), head.dtype)
+        self.d_weight = xp.empty((V, D), ct)
+        self.d_bias = xp.empty(V, ct) if head.b is not None else None
+        self.dh_tmp = xp.empty((head.rows, D), ct) if head.dtype != ct else None
+        # d_weight += g.T @ h goes through this (see _BLOCK_ELEMS); no larger than the
+        # logits buffer either
+        block = max(1, min(_BLOCK_ELEMS, head.rows * V) // D)
+        self.tmp = xp.empty((min(V, block), D), ct) if head.rows < N else None
+
+    def add(self, sl, h, g):
+        """Add the chunk of rows `sl`: hidden rows h and logit gradients g (both in the
+        compute dtype)."""
+        xp, w = self.head.xp, self.head.w
+        if self.dh_tmp is None:
+            xp.matmul(g, w, out=self.d_hidden[sl])
+        else:
+            part = self.dh_tmp[: sl.stop - sl.start]
+            xp.matmul(g, w, out=part)
+            self.d_hidden[sl] = part
+        if sl.start == 0:  # the first chunk writes the accumulators
+            xp.matmul(g.T, h, out=self.d_weight)
+            if self.d_bias is not None:
+                xp.sum(g, axis=0, out=self.d_bias)
+            return
+        acc, step = self.d_weight, self.tmp.shape[0]
+        for s in range(0, acc.shape[0], step):
+            e = min(s + step, acc.shape[0])
+            part = self.tmp[: e - s]
+            xp.matmul(g[:, s:e].T, h, out=part)
+            xp.add(acc[s:e], part, out=acc[s:e])
+        if self.d_bias is not None:
+            xp.add(self.d_bias, g.sum(axis=0), out=self.d_bias)
+
+    def result(self):
+        """(d_hidden, d_weight, d_bias or None) in the input dtypes and shapes."""
+        dt = self.head.dtype
+        return (self.d_hidden.reshape(self.head.hidden.shape),
+                self.d_weight.astype(dt, copy=False),
+                None if self.d_bias is None else self.d_bias.astype(dt, copy=False))
+
+
+def linear_cross_entropy(hidden, weight, targets, *, bias=None, class_weight=None,
+                         ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                         z_loss=0.0, softcap=None, logit_scale=1.0, normalizer=None,
+                         grad_output=1.0, chunk_size=None, memory_budget=None,
+                         return_grads=True):
+    """Cross-entropy of `targets` under the logits `hidden @ weight.T (+ bias)`, and
+    its gradients, without materialising the logits.
+
+    hidden (..., D) float; weight (V, D) of the same dtype (the layout of a tied
+    input embedding); bias (V,) or None; targets (...) integer class ids, equal to
+    hidden.shape[:-1]. Every option means what it means in lx.cross_entropy;
+    `class_weight` (V,) is its `weight=` (renamed: `weight` is the matrix).
+
+    Returns (loss, (d_hidden, d_weight, d_bias)): the loss (0-d, or per token for
+    reduction='none', float32 or float64) and the gradients of `loss * grad_output`
+    (a per-token array for 'none') in the dtypes and shapes of hidden, weight and
+    bias (d_bias is None without a bias). return_grads=False returns the loss only.
+
+    Chunks: `chunk_size` token rows, or as many as fit in `memory_budget` bytes of
+    logits buffer (V x 4 bytes per row; x 8 for float64). By default the buffer is
+    no larger than the hidden states, but at least MIN_CHUNK_ROWS rows (thinner
+    chunks leave the matrix products bound by reading the weight)."""
+    head = _Head(hidden, weight, targets, bias, ignore_index, chunk_size, memory_budget)
+    opts, denom = _loss_options(head, class_weight, reduction, label_smoothing, z_loss,
+                                softcap, logit_scale, normalizer)
+    factor = _grad_factor(head, reduction, denom, grad_output)
+    xp = head.xp
+    loss_rows = xp.empty(head.N, head.ct) if reduction == "none" else None
+    total = 0.0
+    grads = _Grads(head) if return_grads else None
+    for sl, h, z in head.chunks():
+        t = head.t[sl]
+        if grads is None:
+            rows = cross_entropy(z, t, reduction="none", **opts)
+        else:  # the logits become their gradient, scaled by the factor
+            go = factor if isinstance(factor, float) else factor[sl]
+            rows, g = cross_entropy_with_grad(z, t, reduction="none", grad_output=go,
+                                              inplace=True, **opts)
+            grads.add(sl, h, g)
+        if loss_rows is not None:
+            loss_rows[sl] = rows
+        else:
+            total = total + rows.sum(dtype=np.float64)
+    if reduction == "none":
+        loss = loss_rows.reshape(head.lead)
+    else:
+        if reduction == "mean":
+            total = total / denom if denom != 0 else 0.0
+        loss = xp.asarray(total, dtype=head.ct)
+    return loss if grads is None else (loss, grads.result())
+
+
+def linear_target_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-100,
+                           softcap=None, logit_scale=1.0, chunk_size=None,
+                           memory_budget=None):
+    """Evaluation scoring without gradients or logits: per token, log p(target) under
+    softmax of the logits `hidden @ weight.T (+ bias)` (scaled by logit_scale, then
+    soft-capped, as in lx.cross_entropy), and the log-sum-exp of those logits.
+
+    Returns (logprob, lse), both shaped like targets, float32 (float64 for float64
+    input). Ignored positions (targets == ignore_index) get logprob 0, so that sums
+    over a sequence skip them; their lse is still the row's LSE. Arguments and chunks
+    as in linear_cross_entropy."""
+    head = _Head(hidden, weight, targets, bias, ignore_index, chunk_size, memory_budget)
+    opts = dict(ignore_index=head.ignore_index,
+                softcap=A.positive(softcap, "softcap", allow_none=True),
+                logit_scale=A.positive(logit_scale, "logit_scale"))
+    xp = head.xp
+    logprob, lse = xp.empty(head.N, head.ct), xp.empty(head.N, head.ct)
+    for sl, _, z in head.chunks():
+        loss, lse[sl] = cross_entropy(z, head.t[sl], reduction="none", return_lse=True,
+                                      **opts)
+        xp.subtract(0.0, loss, out=logprob[sl])  # 0 - 0 = +0.0 for ignored tokens
+    return logprob.reshape(head.lead), lse.reshape(head.lead)
