@@ -37,20 +37,22 @@ _REDUCTIONS = ("none", "mean", "sum")
 _INT64 = np.iinfo(np.int64)
 
 # Default chunk: a logits buffer no larger than the hidden states, but at least
-# this many rows. Measured on a 2-core AVX2 machine (OpenBLAS, D=512): the first
-# product runs at ~60 GFLOP/s with 16-row chunks (what the hidden-state budget
-# gives at V=128256 for 4096 tokens) against ~165 with 256 rows and ~180 at full
-# size, because a thin chunk re-reads the whole weight for few rows. 256 rows at
-# N=4096 keep the buffer at 6.25% of the full logits.
-MIN_CHUNK_ROWS = 256
+# this many rows. Every chunk's two products with the weight read (and BLAS
+# repacks) the whole (V, D) matrix, so thin chunks are slow: measured with
+# OpenBLAS (AVX2, D=512, 4096 tokens), the first product runs at ~60 GFLOP/s with
+# the 16 rows the hidden-state budget gives at V=128256 against ~180 at full size,
+# and the whole call takes 1.32x / 1.23x / 1.12x / 1.08x the three full-size
+# products with 128 / 256 / 384 / 512-row chunks (V=128256, one thread). 384 rows
+# is the most that keeps the working memory under 10% of the logits at 4096 tokens.
+MIN_CHUNK_ROWS = 384
 
 # d_weight += g.T @ h: NumPy's and CuPy's matmul cannot accumulate (no BLAS
 # beta=1) and a (V, D) temporary would cost as much as the logits buffer saves,
-# so the product goes through a temporary of at most this many elements (and no
-# larger than the logits buffer), one block of the vocabulary at a time, and is
-# added in (measured: within 10% of a
-# plain out= product at 256 rows per chunk, 3% at 1024).
-_BLOCK_ELEMS = 1 << 20
+# so the product goes one block of the vocabulary at a time through a temporary
+# of at most this many elements (and no larger than the logits buffer), and is
+# added in; measured within 10% of a plain out= product at 256 rows per chunk,
+# and no faster with larger blocks.
+_BLOCK_ELEMS = 1 << 19
 
 
 class _Head:
