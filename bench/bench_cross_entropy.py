@@ -56,6 +56,15 @@ def machine_info():
     return info
 
 
+def finish(path, info, results):
+    """Writes the JSON; the exit status is 1 if any implementation was WRONG."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(dict(info=info, results=results), f, indent=1)
+    print(f"\nwrote {path}")
+    return 1 if any(r["status"] == "WRONG" for res in results for r in res["results"]) else 0
+
+
 # ---- peers ------------------------------------------------------------------
 
 def np_lse(x):
@@ -251,11 +260,7 @@ def main(argv=None):
             res = bench_shape(N, V, dt, args.repeats, threads)
             print_shape(res)
             results.append(res)
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(dict(info=info, results=results), f, indent=1)
-    print(f"\nwrote {args.json}")
-    return 1 if any(r["status"] == "WRONG" for res in results for r in res["results"]) else 0
+    return finish(args.json, info, results)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ memory is measured in the last of them.
 import argparse
 import ctypes
 import gc
-import json
 import os
 import platform
 import sys
@@ -43,6 +42,7 @@ import numpy as np
 import lmxent as lx
 from lmxent import reference as R
 from lmxent.linear_cross_entropy import MIN_CHUNK_ROWS, _Head
+from bench_cross_entropy import finish
 
 try:
     import torch
@@ -317,11 +317,7 @@ def main(argv=None):
             print_shape(res)
             results.append(res)
     info["load_average_after"] = os.getloadavg()
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(dict(info=info, results=results), f, indent=1)
-    print(f"\nwrote {args.json}")
-    return 1 if any(r["status"] == "WRONG" for res in results for r in res["results"]) else 0
+    return finish(args.json, info, results)
 
 
 if __name__ == "__main__":

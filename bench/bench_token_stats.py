@@ -13,7 +13,6 @@ gradient reads two arrays and writes one).
     python bench/bench_token_stats.py --quick    # one small shape
 """
 import argparse
-import json
 import os
 import sys
 
@@ -21,7 +20,7 @@ import numpy as np
 
 import lmxent as lx
 from lmxent import reference as R
-from bench_cross_entropy import as64, best_time, machine_info, torch
+from bench_cross_entropy import as64, best_time, finish, machine_info, torch
 
 if torch is not None:
     import torch.nn.functional as F
@@ -164,11 +163,7 @@ def main(argv=None):
         res = bench_shape(N, V, args.repeats, threads)
         print_shape(res)
         results.append(res)
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(dict(info=info, results=results), f, indent=1)
-    print(f"\nwrote {args.json}")
-    return 1 if any(r["status"] == "WRONG" for res in results for r in res["results"]) else 0
+    return finish(args.json, info, results)
 
 
 if __name__ == "__main__":
