@@ -34,7 +34,6 @@ from . import _arrays as A
 from .cross_entropy import cross_entropy, cross_entropy_with_grad
 
 _REDUCTIONS = ("none", "mean", "sum")
-_INT64 = np.iinfo(np.int64)
 
 # Default chunk: a logits buffer no larger than the hidden states, but at least
 # this many rows. Every chunk's two products with the weight read (and BLAS
@@ -90,9 +89,7 @@ class _Head:
             self._same_dtype(b, "bias")
             self.b = b.astype(self.ct, copy=False)
 
-        self.ignore_index = A.integer(ignore_index, "ignore_index")
-        if not _INT64.min <= self.ignore_index <= _INT64.max:  # the kernel takes an int64
-            raise ValueError(f"ignore_index must fit in int64, got {self.ignore_index}")
+        self.ignore_index = A.ignore_index(ignore_index)
         t = targets if isinstance(targets, xp.ndarray) else xp.asarray(targets)
         if t.dtype.kind not in "iu":
             raise TypeError(f"targets: expected integer class ids, got dtype {t.dtype} "
@@ -101,15 +98,7 @@ class _Head:
         if t.shape != self.lead:
             raise ValueError(f"targets: expected shape {self.lead} (hidden's shape without "
                              f"the feature axis), got {t.shape}")
-        flat = t.reshape(-1)
-        self.valid = flat != self.ignore_index
-        bad = self.valid & ((flat < 0) | (flat >= V))
-        if bool(bad.any()):
-            i = int(xp.argmax(bad))
-            pos = tuple(int(k) for k in np.unravel_index(i, self.lead)) if self.lead else ()
-            raise ValueError(f"targets: value {int(flat[i])} at position {pos} is out of "
-                             f"range [0, {V}) and is not ignore_index ({self.ignore_index})")
-        self.t = flat
+        self.t, self.valid = A.class_ids(t, self.lead, V, self.ignore_index, xp=xp)
 
         self.rows = self._chunk_rows(chunk_size, memory_budget, h.nbytes)
         self.hidden = h
