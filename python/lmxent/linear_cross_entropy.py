@@ -18,7 +18,7 @@ are summed in float64, so the result does not depend on the chunk size beyond
 the rounding of the matrix products.
 
 Memory, besides the outputs: the logits buffer (chunk rows x V in float32, or
-float64 for float64 input) and scratch of O(chunk rows x D + 2**20) elements.
+float64 for float64 input) and scratch of O(chunk rows x D + 2**19) elements.
 16-bit inputs (float16, bfloat16) have no BLAS in NumPy: the weight is copied
 to float32 once (V x D x 4 bytes) and d_weight is accumulated in float32 (another
 V x D x 4 bytes) before the cast to the input dtype, as are d_hidden and d_bias
