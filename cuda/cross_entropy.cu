@@ -293,16 +293,7 @@ int cross_entropy(const CEArgs& a, const Launch& l) {
 }
 
 int take_status(void* stream, unsigned long long* count, unsigned long long* first_row) {
-  const cudaStream_t st = (cudaStream_t)stream;
-  unsigned long long h[2] = {0, 0};
-  void* dev = nullptr;
-  cudaError_t e = cudaGetSymbolAddress(&dev, g_bad);
-  if (e == cudaSuccess) e = cudaMemcpyAsync(h, dev, sizeof h, cudaMemcpyDeviceToHost, st);
-  if (e == cudaSuccess) e = cudaMemsetAsync(dev, 0, sizeof h, st);
-  if (e == cudaSuccess) e = cudaStreamSynchronize(st);
-  *count = h[0];
-  *first_row = h[1] ? ~0ull - h[1] + 1 : 0;
-  return (int)e;
+  return take_record(g_bad, stream, count, first_row);
 }
 
 }  // namespace cuda

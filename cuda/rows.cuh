@@ -374,6 +374,24 @@ inline size_t parts_bytes(const Plan& p, int64_t rows) {
 
 inline int64_t item_size(DType d) { return d == DType::F64 ? 8 : d == DType::F32 ? 4 : 2; }
 
+// Copies a device record of bad class ids ({count, ~0 - first row + 1}, kept
+// with atomicMax so the smallest row wins) to the host on `stream`, waits for
+// it and clears it.
+template <class Symbol>
+inline int take_record(const Symbol& symbol, void* stream, unsigned long long* count,
+                       unsigned long long* first_row) {
+  const cudaStream_t st = (cudaStream_t)stream;
+  unsigned long long h[2] = {0, 0};
+  void* dev = nullptr;
+  cudaError_t e = cudaGetSymbolAddress(&dev, symbol);
+  if (e == cudaSuccess) e = cudaMemcpyAsync(h, dev, sizeof h, cudaMemcpyDeviceToHost, st);
+  if (e == cudaSuccess) e = cudaMemsetAsync(dev, 0, sizeof h, st);
+  if (e == cudaSuccess) e = cudaStreamSynchronize(st);
+  *count = h[0];
+  *first_row = h[1] ? ~0ull - h[1] + 1 : 0;
+  return (int)e;
+}
+
 // Calls f((T*)nullptr) with the storage type of a dtype.
 template <class F>
 inline void with_dtype(DType dt, F&& f) {

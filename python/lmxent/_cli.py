@@ -1,6 +1,7 @@
 """Helpers shared by the command-line tools (python -m lmxent check | bench | demo):
 the error measure and tolerances results are checked with, a progress bar, and a
 description of the machine and library versions for the JSON reports."""
+import argparse
 import importlib.metadata
 import os
 import platform
@@ -150,3 +151,14 @@ def machine_info():
             pass
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "lmxent_cpu": lx.cpu_info(),
             "gpu": gpu_name(), "platform": platform.platform(), "versions": versions}
+
+
+def positive_int(text):
+    """argparse type: a positive integer."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v

@@ -43,7 +43,7 @@ import numpy as np
 
 import lmxent as lx
 from lmxent import reference as R
-from ._cli import EPS, Progress, array_module, machine_info, rel_error, to_host
+from ._cli import EPS, Progress, array_module, machine_info, positive_int, rel_error, to_host
 
 CHECK_ROWS = 32          # first and last 16 rows
 # the default sweep: real vocabularies (Llama 2, GPT-2, Llama 3, Gemma), N*V ~ constant
@@ -805,16 +805,6 @@ def _choice(valid, what):
     return parse
 
 
-def _positive(text):
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
 def add_arguments(ap):
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="cpu: NumPy arrays (default); cuda: CuPy arrays on the GPU")
@@ -830,9 +820,9 @@ def add_arguments(ap):
     ap.add_argument("--peers", type=_choice(list(PEERS), "peer"), metavar="PEER,...",
                     help="peers to compare with: " + ", ".join(PEERS)
                          + " (default: every one installed)")
-    ap.add_argument("--hidden", type=_positive, metavar="D",
+    ap.add_argument("--hidden", type=positive_int, metavar="D",
                     help="the LM head's hidden size (default 256 on the CPU, 4096 on the GPU)")
-    ap.add_argument("--repeats", type=_positive, default=5,
+    ap.add_argument("--repeats", type=positive_int, default=5,
                     help="timed runs per implementation, best taken (default 5; --quick 3)")
     ap.add_argument("--quick", action="store_true",
                     help=f"shapes {', '.join(f'{n}x{v}' for n, v in QUICK_SHAPES)}, float32, "

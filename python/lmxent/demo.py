@@ -36,7 +36,7 @@ import time
 import numpy as np
 
 import lmxent as lx
-from ._cli import Progress, array_module, machine_info, to_host
+from ._cli import Progress, array_module, machine_info, positive_int, to_host
 
 V = 256                       # bytes
 EMBED, HIDDEN = 32, 512
@@ -213,30 +213,20 @@ def sample(model, data, rng, n=240, temperature=0.7):
 def add_arguments(ap):
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="cpu: NumPy (default); cuda: CuPy arrays on the GPU")
-    ap.add_argument("--steps", type=_positive, default=3000,
+    ap.add_argument("--steps", type=positive_int, default=3000,
                     help="training steps (default 3000)")
-    ap.add_argument("--batch", type=_positive, default=256, help="bytes per step (default 256)")
-    ap.add_argument("--context", type=_positive, default=8,
+    ap.add_argument("--batch", type=positive_int, default=256, help="bytes per step (default 256)")
+    ap.add_argument("--context", type=positive_int, default=8,
                     help="bytes of context the model reads (default 8)")
     ap.add_argument("--lr", type=float, default=3e-3, help="peak Adam learning rate (3e-3)")
     ap.add_argument("--data", metavar="PATH",
                     help="a text file to train on (default: Python's standard library source)")
-    ap.add_argument("--max-bytes", type=_positive, default=2_000_000,
+    ap.add_argument("--max-bytes", type=positive_int, default=2_000_000,
                     help="use at most this many bytes of text (default 2000000)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the run (default 0)")
     ap.add_argument("--out", metavar="DIR",
                     help="write demo.json (the summary) and demo.png (the loss curve) here")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-
-
-def _positive(text):
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
 
 
 def main(argv=None):
