@@ -254,8 +254,7 @@ def torch_ce_with_grad(x, t, *, grad_output=1.0, weight=None, ignore_index=-100,
 
 
 # ------------------------------------------------ softmax family (also test_cuda)
-# Helpers of test_softmax.py that test_cuda.py shares; here because
-# test_softmax.py skips itself without torch.
+# Helpers shared by test_softmax.py and test_cuda.py.
 
 def out_dtype(fn, dtype):
     """lse is float32 (float64 for float64 input); softmax outputs keep x's dtype."""
@@ -305,7 +304,7 @@ def assert_matches_reference(fn, actual, x, dtype, *, what="", **kw):
     # the error of log_softmax / softmax scales with |lse| (z - lse is formed in C)
     lse = softmax_ref("logsumexp", x, **{k: v for k, v in kw.items() if k != "keepdims"})
     lse_scale = float(np.max(np.abs(lse), initial=1.0, where=np.isfinite(lse)))
-    if dtype in (F16, BF16) and fn != "logsumexp":
+    if dtype_id(dtype) in ("float16", "bfloat16") and fn != "logsumexp":
         # one rounding to the output dtype after float32 math whose absolute error
         # is a few float32 ulps of |lse| (log_softmax near 0 cancels)
         assert_lowp_close(actual, expected, what, extra_atol=4 * 2.0**-24 * lse_scale)

@@ -31,6 +31,10 @@ from conftest import (BF16, EXTREME_ROWS, F16, F32, F64, PLUS_INF_ROWS, assert_g
                       grad_scale, loss_dtype)
 from test_cross_entropy import (OPTION_CASES, build_case, grad_output_for, make_ids, make_logits,
                                 make_probs)
+from test_linear_cross_entropy import grad_output_for as head_grad_output
+from test_linear_cross_entropy import head_bounds
+from test_linear_cross_entropy import make_problem as make_head_problem
+from test_linear_cross_entropy import resolve as head_options
 
 FNS = ["logsumexp", "log_softmax", "softmax"]
 DTYPES = [F32, F64, F16] + ([BF16] if BF16 is not None else [])
@@ -91,6 +95,8 @@ class FakeArray:
 
     def reshape(self, *shape):
         return _wrap(self._a.reshape(*shape))
+
+    T = property(lambda s: _wrap(s._a.T))
 
     def astype(self, dtype, copy=True):
         return _wrap(self._a.astype(dtype, copy=copy))
@@ -161,7 +167,7 @@ def make_fake_cupy():
     m.asnumpy = lambda a: a.get()
     for name in ("empty", "zeros", "full", "where", "stack", "count_nonzero", "clip",
                  "isfinite", "argmax", "moveaxis", "expand_dims", "broadcast_to",
-                 "ascontiguousarray"):
+                 "ascontiguousarray", "matmul", "add", "subtract", "sum"):
         setattr(m, name, _fake_fn(getattr(np, name)))
     m.may_share_memory = lambda a, b: np.may_share_memory(_unwrap(a), _unwrap(b))
     m.cuda = types.SimpleNamespace(
@@ -285,7 +291,7 @@ SOFTMAX_SHAPES = [(7, 5), (4, 3000), (300, 9001), (3, 70001), (2, 262144), (1, 1
 @pytest.mark.parametrize("shape", SOFTMAX_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_softmax_family(xp, dtype, shape, rng):
-    if shape[1] > 100000 and dtype not in (F32, BF16):
+    if shape[1] > 100000 and dtype_id(dtype) not in ("float32", "bfloat16"):
         pytest.skip("long rows: float32 and bfloat16 are enough")
     x = (3.0 * rng.standard_normal(shape)).astype(dtype)
     x[:, -1] = 20.0  # the last slice matters
@@ -586,7 +592,7 @@ def _ts_targets(rng, n, V):
 def test_token_stats_matches_reference(xp, dtype, shape, rng):
     """One block per row and (few long rows) split across blocks, whose partial
     entropy sums and rank counts are merged."""
-    if shape[1] > 100000 and dtype not in (F32, BF16):
+    if shape[1] > 100000 and dtype_id(dtype) not in ("float32", "bfloat16"):
         pytest.skip("long rows: float32 and bfloat16 are enough")
     n, V = shape
     x = (3.0 * rng.standard_normal(shape)).astype(dtype)
@@ -895,6 +901,49 @@ def test_cuda_stream_and_bfloat16(rng):
         loss, g = loss.get(), g.get()
     assert_loss_close(loss, r_loss, BF16)
     assert_grad_close(g, r_grad, BF16)
+
+
+# ------------------------------------------------------------------ LM head
+
+@pytest.mark.parametrize("dtype", [F32, F64] + ([BF16] if BF16 is not None else []),
+                         ids=dtype_id)
+@pytest.mark.parametrize("opts", [dict(reduction="mean"), dict(reduction="sum"),
+                                  dict(reduction="none", label_smoothing=0.1, z_loss=1e-3),
+                                  dict(reduction="mean", class_weight=True, softcap=5.0)],
+                         ids=["mean", "sum", "none", "weighted"])
+def test_linear_cross_entropy_on_device(xp, rng, dtype, opts):
+    """The LM head on device arrays (hidden, weight, bias, targets, class weights and a
+    per-token grad_output all on the device) against the float64 reference, in chunks
+    that do not divide the token count."""
+    (h, w, b, t), (h64, w64, b64) = make_head_problem(rng, lead=(3, 7), dtype=dtype)
+    opts = head_options(rng, opts)
+    go = head_grad_output(rng, opts["reduction"], t.shape)
+    dev = {k: xp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in opts.items()}
+    loss, (dh, dw, db) = lx.linear_cross_entropy(
+        xp.asarray(h), xp.asarray(w), xp.asarray(t), bias=xp.asarray(b), chunk_size=4,
+        grad_output=xp.asarray(go) if isinstance(go, np.ndarray) else go, **dev)
+    loss, dh, dw, db = host(loss), host(dh), host(dw), host(db)
+    rloss, (rdh, rdw, rdb) = ref.linear_cross_entropy(h64, w64, t, bias=b64, grad_output=go,
+                                                      **opts)
+    assert (dh.dtype, dw.dtype, db.dtype) == (dtype,) * 3
+    assert_loss_close(loss, rloss, dtype)
+    z64 = h64 @ w64.T + b64
+    ce = {("weight" if k == "class_weight" else k): v for k, v in opts.items()}
+    _, lse = ref.cross_entropy(z64, t, return_lse=True, **ce)
+    g64 = ref.cross_entropy_with_grad(z64, t, grad_output=go, **ce)[1]
+    sh, sw, sb = head_bounds(h64, w64, t, g64, lse, go, opts)
+    assert_grad_close(dh, rdh, dtype, gscale=10 * sh, what="d_hidden")
+    assert_grad_close(dw, rdw, dtype, gscale=10 * sw, what="d_weight")
+    assert_grad_close(db, rdb, dtype, gscale=10 * sb, what="d_bias")
+
+
+def test_linear_target_logprobs_on_device(xp, rng):
+    (h, w, b, t), (h64, w64, b64) = make_head_problem(rng, lead=(3, 7), dtype=F32)
+    logprob, lse = lx.linear_target_logprobs(xp.asarray(h), xp.asarray(w), xp.asarray(t),
+                                             bias=xp.asarray(b), chunk_size=5)
+    rlp, rlse = ref.linear_target_logprobs(h64, w64, t, bias=b64)
+    assert_loss_close(host(logprob), rlp, F32, what="logprob")
+    assert_loss_close(host(lse), rlse, F32, what="lse")
 
 
 # ----------------------------------------------------- without the backend

@@ -162,7 +162,7 @@ def _loss_options(head, class_weight, reduction, label_smoothing, z_loss, softca
     normalizer = A.positive(normalizer, "normalizer", allow_none=True)
     cw = None
     if class_weight is not None:
-        cw = A.real_array(class_weight, "class_weight")
+        cw = A.real_array(class_weight, "class_weight", head.xp)
         if cw.shape != (head.V,):
             raise ValueError(f"class_weight: expected shape ({head.V},) (one weight per "
                              f"class), got {cw.shape}")
@@ -186,20 +186,22 @@ def _loss_options(head, class_weight, reduction, label_smoothing, z_loss, softca
 def _grad_factor(head, reduction, denom, grad_output):
     """grad_output as the kernel's per-chunk factor: a scalar already divided by the
     "mean" denominator, or per-token values (N,) for reduction='none'."""
-    g = A.real_array(grad_output, "grad_output")
+    xp = head.xp
+    g = A.real_array(grad_output, "grad_output", xp if A._is_cupy(grad_output) else np)
     if g.ndim == 0:
-        g = float(g)
+        g = float(g)  # a device scalar: one host read
         if reduction == "mean":
             g = g / denom if denom != 0 else 0.0  # a mean over nothing: zero gradient
         return g
     if reduction != "none":
         raise ValueError(f"grad_output must be a scalar for reduction={reduction!r}")
+    g = A.asarray(g, "grad_output", xp)  # host values go to the device
     try:
-        g = np.broadcast_to(g, head.lead)
+        g = xp.broadcast_to(g, head.lead)
     except ValueError:
         raise ValueError(f"grad_output: shape {g.shape} does not broadcast to the per-token "
                          f"loss shape {head.lead}") from None
-    return head.xp.ascontiguousarray(g.reshape(-1), dtype=head.ct)
+    return xp.ascontiguousarray(g.reshape(-1), dtype=head.ct)
 
 
 class _Grads:
