@@ -399,6 +399,46 @@ def test_inplace_with_probability_targets(rng):
     assert_grad_close(x, r, F32)
 
 
+# ------------------------------------------------------------------- out=
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("name", ["plain", "all_none", "all_mean_normalizer"])
+def test_grad_out_receives_the_gradient(rng, dtype, name):
+    """out= (a reused buffer, here a slice of a wider array) gets exactly the
+    gradient the call would return; the logits and the rest of the buffer are
+    untouched; the backward from a saved LSE writes the same way."""
+    x, t, opts = build_case(rng, name, (3, 7), 301, dtype)
+    go = grad_output_for(rng, opts.get("reduction", "mean"), t.shape)
+    x0 = x.copy()
+    loss_new, g_new = lx.cross_entropy_with_grad(x, t, grad_output=go, **opts)
+    wide = np.full((3, 7, 320), 5, dtype)
+    out = wide[..., :301]
+    loss, g = lx.cross_entropy_with_grad(x, t, grad_output=go, out=out, **opts)
+    assert g is out
+    np.testing.assert_array_equal(loss, loss_new)
+    np.testing.assert_array_equal(out, g_new)
+    assert (wide[..., 301:] == 5).all()
+    np.testing.assert_array_equal(x, x0)
+    x64 = x.astype(np.float64)
+    assert_grad_close(out, ref.cross_entropy_with_grad(x64, t, grad_output=go, **opts)[1], dtype)
+
+    _, lse = lx.cross_entropy(x, t, return_lse=True, **opts)
+    out2 = np.empty_like(x)
+    assert lx.cross_entropy_backward(x, t, lse, go, out=out2, **opts) is out2
+    np.testing.assert_array_equal(out2, lx.cross_entropy_backward(x, t, lse, go, **opts))
+
+
+def test_grad_out_for_logits_that_need_a_copy(rng):
+    """Logits whose rows cannot be viewed (F order) are copied for the kernel; out=
+    still receives the gradient directly."""
+    x = np.asfortranarray(make_logits(rng, (6, 70), F32)[0])
+    t = make_ids(rng, (6,), 70, kind="ignored")
+    out = np.empty((6, 70), np.float32)
+    _, g = lx.cross_entropy_with_grad(x, t, out=out)
+    assert g is out
+    assert_grad_close(out, ref.cross_entropy_with_grad(x.astype(np.float64), t)[1], F32)
+
+
 # ----------------------------------------------------------- awkward sizes
 
 SIZES = [(1, 5), (2, 5), (7, 5), (31, 3), (32000, 3), (50257, 3), (128256, 2),

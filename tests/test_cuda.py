@@ -452,6 +452,29 @@ def test_ce_strided_unaligned_rows_without_copy(xp, rng, dtype):
                                   big[:, rest].astype(np.float64))
 
 
+@pytest.mark.parametrize("dtype", [F32] + ([BF16] if BF16 is not None else []), ids=dtype_id)
+def test_ce_grad_out(xp, rng, dtype):
+    """out= on the device: a slice of a wider device array receives the gradient of
+    cross_entropy_with_grad and of the backward; a host out= is refused."""
+    x, _ = make_logits(rng, (9, 3001), dtype)
+    t = make_ids(rng, (9,), 3001, kind="ignored")
+    r_loss, r_grad = ref.cross_entropy_with_grad(x.astype(np.float64), t)
+    xd, td = xp.asarray(x), xp.asarray(t)
+    wide = xp.zeros((9, 3100), dtype)
+    out = wide[:, :3001]
+    loss, g = lx.cross_entropy_with_grad(xd, td, out=out)
+    assert g is out
+    assert_loss_close(host(loss), r_loss, dtype)
+    assert_grad_close(host(wide)[:, :3001], r_grad, dtype)
+    assert (host(wide)[:, 3001:] == 0).all()
+    _, lse = lx.cross_entropy(xd, td, return_lse=True)
+    out2 = xp.zeros((9, 3001), dtype)
+    assert lx.cross_entropy_backward(xd, td, lse, 1.0, out=out2) is out2
+    assert_grad_close(host(out2), r_grad, dtype)
+    with pytest.raises(TypeError, match="out: expected a CuPy array"):
+        lx.cross_entropy_with_grad(xd, td, out=np.empty((9, 3001), dtype))
+
+
 @pytest.mark.parametrize("opts", [{}, {"weight": "W"}, {"label_smoothing": 0.1, "z_loss": 0.1}],
                          ids=["plain", "weighted", "smooth_zloss"])
 def test_ce_all_ignored_mean_is_zero(xp, rng, opts):

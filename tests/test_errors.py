@@ -529,6 +529,79 @@ def test_out_partially_overlapping_x(fn, case):
     np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
 
 
+# ------------------------------------------------------- out= of the gradient
+
+def grad_call(fn, x, **kw):
+    """The gradient array a GRAD_FNS function returned."""
+    res = call(fn, x, **kw)
+    return res[1] if fn == "cross_entropy_with_grad" else res
+
+
+@pytest.mark.parametrize("fn", GRAD_FNS)
+@pytest.mark.parametrize("shape,dtype", [((2, 3, 4), np.float32), ((3, 2, V), np.float32),
+                                         ((2, 3, V), np.float64), ((2, 3, V), np.float16)],
+                         ids=["vocab", "lead", "float64", "float16"])
+def test_grad_out_of_wrong_shape_or_dtype_raises(fn, shape, dtype):
+    out = np.full(shape, 7, dtype)
+    text = (f"out: expected shape {LEAD + (V,)} and dtype float32, "
+            f"got {shape} and {np.dtype(dtype)}")
+    with pytest.raises(ValueError, match=msg(text)):
+        call(fn, logits(), out=out)
+    assert (out == 7).all()
+
+
+@pytest.mark.parametrize("fn", GRAD_FNS)
+def test_grad_out_read_only_or_not_an_array_raises(fn):
+    out = np.full(LEAD + (V,), 7, np.float32)
+    out.flags.writeable = False
+    with pytest.raises(ValueError, match="out: array is read-only"):
+        call(fn, logits(), out=out)
+    with pytest.raises(TypeError, match="out: expected a NumPy array, got list"):
+        call(fn, logits(), out=logits().tolist())
+
+
+def test_grad_out_with_inplace_raises():
+    x, out = logits(), np.full(LEAD + (V,), 7, np.float32)
+    x0 = x.copy()
+    with pytest.raises(ValueError, match=r"give out= or inplace=True, not both"):
+        lx.cross_entropy_with_grad(x, ids(), inplace=True, out=out)
+    np.testing.assert_array_equal(x, x0)
+    assert (out == 7).all()
+
+
+@pytest.mark.parametrize("fn", GRAD_FNS)
+def test_grad_out_unchanged_on_error(fn):
+    out = np.full(LEAD + (V,), 7, np.float32)
+    bad = ids()
+    bad[1, 2] = V
+    with pytest.raises(ValueError, match="out of range"):
+        call(fn, logits(), bad, out=out)
+    assert (out == 7).all()
+
+
+@pytest.mark.parametrize("fn", GRAD_FNS)
+@pytest.mark.parametrize("same_object", [True, False], ids=["x", "view_of_x"])
+def test_grad_out_aliasing_x_exactly_is_in_place(fn, same_object):
+    x = logits()
+    want = grad_call(fn, x.copy())
+    out = x if same_object else x.view()
+    assert grad_call(fn, x, out=out) is out
+    np.testing.assert_array_equal(x, want)
+
+
+@pytest.mark.parametrize("fn", GRAD_FNS)
+@pytest.mark.parametrize("case", [c for c in OVERLAPS if c != "axis_0"])
+def test_grad_out_partially_overlapping_x(fn, case):
+    """As if out did not overlap the logits (through a buffer)."""
+    buf = np.random.default_rng(1).standard_normal(8 * V).astype(np.float32)
+    x, out = (np.lib.stride_tricks.as_strided(buf[off:], shape, [s * buf.itemsize
+                                                                  for s in strides])
+              for off, shape, strides in OVERLAPS[case])
+    want = grad_call(fn, x.copy())
+    assert grad_call(fn, x, out=out) is out
+    np.testing.assert_array_equal(out, want)
+
+
 # ---------------------------------------------------------------- binding guards
 
 def _ce_args(**changes):

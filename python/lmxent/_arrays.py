@@ -323,3 +323,19 @@ def check_out(out, shape, dtype, name="out", xp=np):
                          f"got {out.shape} and {out.dtype}")
     if xp is np and not out.flags.writeable:  # CuPy arrays are always writable
         raise ValueError(f"{name}: array is read-only")
+
+
+def direct_out(out, x2, xp):
+    """Rows of `out` a kernel can write into directly, or None (use a buffer):
+    out's rows must be a view, and either not overlap the rows read (x2) or be
+    exactly them (row by row in place); a partial overlap would let the kernel
+    read rows it has already overwritten."""
+    try:
+        res, _ = rows(out, "out", need_view=True)
+    except ValueError:
+        return None
+    if xp.may_share_memory(res, x2) and not (
+            data_ptr(res) == data_ptr(x2)
+            and res.strides == x2.strides):  # shapes and dtypes match already
+        return None
+    return res

@@ -152,11 +152,29 @@ class _Problem:
                              f"per-token loss shape {self.lead}") from None
         return 1.0, A.require(g.reshape(-1), self.ct)
 
-    def new_grad(self, inplace):
+    def new_grad(self, inplace, out):
+        """(rows the kernel writes the gradient to, the array returned, and a buffer
+        to copy into `out` afterwards or None)."""
         if inplace:
-            return self.x2, self.x
-        g = self.xp.empty(self.x2.shape, self.x.dtype)
-        return g, g.reshape(self.x.shape)
+            if out is not None:
+                raise ValueError("give out= or inplace=True, not both")
+            return self.x2, self.x, None
+        if out is None:
+            g = self.xp.empty(self.x2.shape, self.x.dtype)
+            return g, g.reshape(self.x.shape), None
+        A.check_out(out, self.x.shape, self.x.dtype, xp=self.xp)
+        rows = A.direct_out(out, self.x2, self.xp)
+        if rows is not None:
+            return rows, out, None
+        g = self.xp.empty(self.x2.shape, self.x.dtype)  # out overlaps the logits in part
+        return g, out, g
+
+    def grad_into(self, written, returned, buffer, **run_args):
+        """Runs the kernel writing the gradient, and returns it (in `out` if given)."""
+        self.run(grad=written, **run_args)
+        if buffer is not None:
+            returned[...] = buffer.reshape(returned.shape)
+        return returned
 
 
 def cross_entropy(logits, targets, *, weight=None, ignore_index=-100, reduction="mean",
@@ -176,23 +194,27 @@ def cross_entropy(logits, targets, *, weight=None, ignore_index=-100, reduction=
 
 def cross_entropy_with_grad(logits, targets, *, weight=None, ignore_index=-100,
                             reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None,
-                            logit_scale=1.0, normalizer=None, grad_output=1.0, inplace=False):
+                            logit_scale=1.0, normalizer=None, grad_output=1.0, inplace=False,
+                            out=None):
     """(loss, d loss / d logits * grad_output) in one pass over the logits.
-    inplace=True writes the gradient over `logits` and returns that array."""
+    inplace=True writes the gradient over `logits` and returns that array; out= (an
+    array of the logits' shape and dtype, e.g. reused across steps) receives it
+    instead of a new array."""
     p = _Problem(logits, targets, weight, ignore_index, reduction, label_smoothing, z_loss,
                  softcap, logit_scale, normalizer, inplace=inplace)
     scale, rows = p.grad_factor(grad_output)
     loss = p.xp.empty(p.x2.shape[0], p.ct)
-    g2, g = p.new_grad(inplace)
-    p.run(loss=loss, grad=g2, grad_scale=scale, grad_rows=rows)
+    g = p.grad_into(*p.new_grad(inplace, out), loss=loss, grad_scale=scale, grad_rows=rows)
     return p.reduce(loss), g
 
 
 def cross_entropy_backward(logits, targets, lse, grad_output, *, weight=None,
                            ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                           z_loss=0.0, softcap=None, logit_scale=1.0, normalizer=None):
+                           z_loss=0.0, softcap=None, logit_scale=1.0, normalizer=None,
+                           out=None):
     """d loss / d logits * grad_output, from the per-token `lse` returned by
-    cross_entropy(..., return_lse=True) with the same options."""
+    cross_entropy(..., return_lse=True) with the same options; into `out` if given
+    (the logits themselves are allowed)."""
     p = _Problem(logits, targets, weight, ignore_index, reduction, label_smoothing, z_loss,
                  softcap, logit_scale, normalizer)
     lse = A.real_array(lse, "lse", p.xp)
@@ -200,6 +222,5 @@ def cross_entropy_backward(logits, targets, lse, grad_output, *, weight=None,
         raise ValueError(f"lse: expected shape {p.lead}, got {lse.shape}")
     lse = A.require(lse.reshape(-1), p.ct)
     scale, rows = p.grad_factor(grad_output)
-    g2, g = p.new_grad(False)
-    p.run(lse=lse, lse_given=True, grad=g2, grad_scale=scale, grad_rows=rows)
-    return g
+    return p.grad_into(*p.new_grad(False, out), lse=lse, lse_given=True, grad_scale=scale,
+                       grad_rows=rows)

@@ -36,7 +36,7 @@ def _softmax(x, axis, temperature, out, log):
     x, axis, x2, lead, scale, xp = _rows_along(x, axis, temperature)
     if out is not None:
         A.check_out(out, x.shape, x.dtype, xp=xp)
-    res = _direct_out(out, x2, xp) if out is not None and axis == x.ndim - 1 else None
+    res = A.direct_out(out, x2, xp) if out is not None and axis == x.ndim - 1 else None
     direct = res is not None
     if not direct:
         res = xp.empty(x2.shape, x.dtype)
@@ -47,22 +47,6 @@ def _softmax(x, axis, temperature, out, log):
     if not direct:
         out[...] = y
     return out
-
-
-def _direct_out(out, x2, xp):
-    """Rows of `out` the kernel can write into directly, or None (use a buffer):
-    out's rows must be a view, and either not overlap the rows read (x2) or be
-    exactly them (row by row in place); a partial overlap would let the kernel
-    read rows it has already overwritten."""
-    try:
-        res, _ = A.rows(out, "out", need_view=True)
-    except ValueError:
-        return None
-    if xp.may_share_memory(res, x2) and not (
-            A.data_ptr(res) == A.data_ptr(x2)
-            and res.strides == x2.strides):  # shapes and dtypes match already
-        return None
-    return res
 
 
 def log_softmax(x, axis=-1, *, temperature=1.0, out=None):
