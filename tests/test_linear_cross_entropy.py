@@ -77,6 +77,20 @@ def head_bounds(h64, w64, t, g64, loss_lse, grad_output, opts):
     return ((a @ np.abs(w64)).reshape(h64.shape), a.T @ h2, a.sum(axis=0))
 
 
+def assert_head_grads(got, want, f64, t, grad_output, opts, dt, what=""):
+    """(d_hidden, d_weight, d_bias) against `want` at the error scales of head_bounds
+    (d_bias skipped when None)."""
+    h64, w64, b64 = f64
+    z64 = h64 @ w64.T + (0.0 if b64 is None else b64)
+    ce = {("weight" if k == "class_weight" else k): v for k, v in opts.items()}
+    _, lse = ref.cross_entropy(z64, t, return_lse=True, **ce)
+    g64 = ref.cross_entropy_with_grad(z64, t, grad_output=grad_output, **ce)[1]
+    scales = head_bounds(h64, w64, t, g64, lse, grad_output, opts)
+    for name, g, r, s in zip(("d_hidden", "d_weight", "d_bias"), got, want, scales):
+        if g is not None:
+            assert_grad_close(g, r, dt, gscale=10 * s, what=name + what)
+
+
 def check_head(h, w, b, t, f64, *, grad_output=1.0, torch_check=True, **opts):
     """lx.linear_cross_entropy against the reference on the same rounded inputs, and
     against torch (float64 autograd through hidden @ weight.T + bias and the
@@ -96,23 +110,14 @@ def check_head(h, w, b, t, f64, *, grad_output=1.0, torch_check=True, **opts):
     assert (dh.shape, dw.shape) == (h.shape, w.shape)
     assert (db is None) == (b is None)
 
-    z64 = h64 @ w64.T + (0.0 if b64 is None else b64)
-    ce = {("weight" if k == "class_weight" else k): v for k, v in ref_opts.items()}
-    _, lse = ref.cross_entropy(z64, t, return_lse=True, **ce)
-    g64 = ref.cross_entropy_with_grad(z64, t, grad_output=grad_output, **ce)[1]
-    sh, sw, sb = head_bounds(h64, w64, t, g64, lse, grad_output, ref_opts)
-    assert_grad_close(dh, rdh, dt, gscale=10 * sh, what="d_hidden")
-    assert_grad_close(dw, rdw, dt, gscale=10 * sw, what="d_weight")
-    if b is not None:
-        assert_grad_close(db, rdb, dt, gscale=10 * sb, what="d_bias")
+    assert_head_grads((dh, dw, db), (rdh, rdw, rdb), f64, t, grad_output, ref_opts, dt)
 
     if torch_check and torch is not None:
-        tl, (tdh, tdw, tdb) = torch_head(h64, w64, b64, t, grad_output=grad_output, **ce)
+        ce = {("weight" if k == "class_weight" else k): v for k, v in ref_opts.items()}
+        tl, tgrads = torch_head(h64, w64, b64, t, grad_output=grad_output, **ce)
         assert_loss_close(loss, tl, dt, what="loss vs torch")
-        assert_grad_close(dh, tdh, dt, gscale=10 * sh, what="d_hidden vs torch")
-        assert_grad_close(dw, tdw, dt, gscale=10 * sw, what="d_weight vs torch")
-        if b is not None:
-            assert_grad_close(db, tdb, dt, gscale=10 * sb, what="d_bias vs torch")
+        assert_head_grads((dh, dw, db), tgrads, f64, t, grad_output, ref_opts, dt,
+                          what=" vs torch")
     return loss, (dh, dw, db)
 
 
