@@ -248,6 +248,19 @@ def print_shape(res):
               f"{r['copy_fraction'] * 100:8.0f}%{vt:>10}{vn:>10}")
 
 
+def parse_dtypes(text):
+    """'float32,bfloat16' -> dtypes; bfloat16 is left out (with a line saying so)
+    when ml_dtypes is not installed."""
+    dtypes = []
+    for name in text.split(","):
+        dt = lx.bfloat16_dtype() if name == "bfloat16" else np.dtype(name)
+        if dt is None:
+            print("bfloat16 skipped: ml_dtypes is not installed")
+            continue
+        dtypes.append(dt)
+    return dtypes
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="4096x32000,1024x128256")
@@ -259,13 +272,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.quick:
         args.shapes, args.dtypes, args.repeats = "512x32000", "float32", 3
-    dtypes = []
-    for name in args.dtypes.split(","):
-        dt = lx.bfloat16_dtype() if name == "bfloat16" else np.dtype(name)
-        if dt is None:
-            print("bfloat16 skipped: ml_dtypes is not installed")
-            continue
-        dtypes.append(dt)
+    dtypes = parse_dtypes(args.dtypes)
     threads = lx.cpu_info()["threads"]
     if torch is not None:
         torch.set_num_threads(threads)

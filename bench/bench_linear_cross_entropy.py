@@ -42,7 +42,7 @@ import numpy as np
 import lmxent as lx
 from lmxent import reference as R
 from lmxent.linear_cross_entropy import MIN_CHUNK_ROWS, _Head
-from bench_cross_entropy import finish
+from bench_cross_entropy import finish, parse_dtypes
 
 try:
     import torch
@@ -285,13 +285,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.quick:
         args.tokens, args.hidden, args.vocab, args.dtypes = 1024, 256, "32000", "float32"
-    dtypes = []
-    for name in args.dtypes.split(","):
-        dt = lx.bfloat16_dtype() if name == "bfloat16" else np.dtype(name)
-        if dt is None:
-            print("bfloat16 skipped: ml_dtypes is not installed")
-            continue
-        dtypes.append(dt)
+    dtypes = parse_dtypes(args.dtypes)
     if args.threads is not None:
         lx.set_num_threads(args.threads)
     threads = lx.cpu_info()["threads"]
