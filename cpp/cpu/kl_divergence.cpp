@@ -65,6 +65,8 @@ struct KLOp {
       const C mxs = Ms == -(C)INFINITY ? (C)0 : Ms, mxt = Mt == -(C)INFINITY ? (C)0 : Mt;
       V<C> ss = {}, st = {}, d = {};
       for (int64_t j = 0; j < n; j += W) {
+        prefetch_lines<W * sizeof(T)>((uintptr_t)(s + b + j) + kChunk * sizeof(T));
+        prefetch_lines<W * sizeof(T)>((uintptr_t)(t + b + j) + kChunk * sizeof(T));
         at(s + b, t + b, j, imin(W, n - j), us, ut);
         const V<C> es = vexp2_neg<C>((us - mxs) * k), et = vexp2_neg<C>((ut - mxt) * k);
         ss += es;
