@@ -139,19 +139,23 @@ def test_bench_lists_peers_that_cannot_run_as_skipped(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--shapes", "64"], "expected NxV"),
-    (["--shapes", "0x100"], "positive integers"),
-    (["--shapes", "8xabc"], "expected NxV"),
-    (["--dtypes", "int8"], "unknown dtype 'int8'"),
-    (["--ops", "logsumexp,nope"], "unknown op 'nope'"),
-    (["--peers", "tensorflow"], "unknown peer 'tensorflow'"),
-    (["--hidden", "-3"], "expected a positive integer"),
-    (["--repeats", "0"], "expected a positive integer"),
-    (["--device", "tpu"], "invalid choice: 'tpu'"),
+    (["bench", "--shapes", "64"], "expected NxV"),
+    (["bench", "--shapes", "0x100"], "positive integers"),
+    (["bench", "--shapes", "8xabc"], "expected NxV"),
+    (["bench", "--dtypes", "int8"], "unknown dtype 'int8'"),
+    (["bench", "--ops", "logsumexp,nope"], "unknown op 'nope'"),
+    (["bench", "--peers", "tensorflow"], "unknown peer 'tensorflow'"),
+    (["bench", "--hidden", "-3"], "expected a positive integer"),
+    (["bench", "--repeats", "0"], "expected a positive integer"),
+    (["bench", "--device", "tpu"], "invalid choice: 'tpu'"),
+    (["demo", "--steps", "0"], "expected a positive integer"),
+    (["demo", "--batch", "x"], "expected a positive integer"),
+    (["demo", "--lr", "-1"], "--lr must be a positive number"),
+    (["demo", "--data", "/nonexistent/file.txt"], "--data: cannot read /nonexistent/file.txt"),
 ])
-def test_bench_argument_errors(argv, message, capsys):
+def test_argument_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
-        cli.main(["bench", *argv])
+        cli.main(argv)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -229,19 +233,6 @@ def test_ngram_baselines_match_the_counting_formula(rng):
                 nll -= math.log((full[ctx + (data[pos],)] + alpha) / (ctx_count[ctx] + 256 * alpha))
             best = min(best, nll)
         assert got[name]["nll_sum"] == pytest.approx(best, rel=1e-5), name
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--steps", "0"], "expected a positive integer"),
-    (["--batch", "x"], "expected a positive integer"),
-    (["--lr", "-1"], "--lr must be a positive number"),
-    (["--data", "/nonexistent/file.txt"], "--data: cannot read /nonexistent/file.txt"),
-])
-def test_demo_argument_errors(argv, message, capsys):
-    with pytest.raises(SystemExit) as e:
-        cli.main(["demo", *argv])
-    assert e.value.code == 2
-    assert message in capsys.readouterr().err
 
 
 def test_demo_refuses_too_little_text(tmp_path, capsys):

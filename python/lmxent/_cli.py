@@ -3,6 +3,7 @@ the error measure and tolerances results are checked with, a progress bar, and a
 description of the machine and library versions for the JSON reports."""
 import argparse
 import importlib.metadata
+import json
 import os
 import platform
 import sys
@@ -162,3 +163,13 @@ def positive_int(text):
     if v <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return v
+
+
+def write_json(obj, out, name):
+    """Writes obj as JSON to the file `name` in the directory `out` (made if missing),
+    and returns the path."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, name)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+    return path

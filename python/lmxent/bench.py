@@ -34,7 +34,6 @@ lmxent's time for the same op (over plain lmxent, never its inplace variant).
 """
 import argparse
 import importlib
-import json
 import os
 import time
 from functools import partial
@@ -43,7 +42,7 @@ import numpy as np
 
 import lmxent as lx
 from lmxent import reference as R
-from ._cli import EPS, Progress, array_module, machine_info, positive_int, rel_error, to_host
+from ._cli import EPS, Progress, array_module, machine_info, positive_int, rel_error, to_host, write_json
 
 CHECK_ROWS = 32          # first and last 16 rows
 # the default sweep: real vocabularies (Llama 2, GPT-2, Llama 3, Gemma), N*V ~ constant
@@ -929,11 +928,7 @@ def run(args, parser, extra_impls=None):
 
 def write_report(report, out):
     """bench.json and (with matplotlib) bench.png in the directory `out`."""
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, "bench.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"\nwrote {path}")
+    print(f"\nwrote {write_json(report, out, 'bench.json')}")
     if not report["results"]:
         return
     png = os.path.join(out, "bench.png")

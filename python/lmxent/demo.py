@@ -28,7 +28,6 @@ log-likelihood.
     python -m lmxent demo --data my.txt --device cuda
 """
 import argparse
-import json
 import math
 import os
 import time
@@ -36,7 +35,7 @@ import time
 import numpy as np
 
 import lmxent as lx
-from ._cli import Progress, array_module, machine_info, positive_int, to_host
+from ._cli import Progress, array_module, machine_info, positive_int, to_host, write_json
 
 V = 256                       # bytes
 EMBED, HIDDEN = 32, 512
@@ -337,11 +336,7 @@ def run(args, parser):
 
 def write_outputs(summary, out):
     """demo.json and (with matplotlib) demo.png in the directory `out`."""
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, "demo.json")
-    with open(path, "w") as f:
-        json.dump(summary, f, indent=1)
-    print(f"wrote {path}")
+    print(f"wrote {write_json(summary, out, 'demo.json')}")
     png = os.path.join(out, "demo.png")
     if plot(summary["training"]["loss_nats"], summary["held_out"],
             summary["unigram_entropy_bits"], png):
