@@ -242,6 +242,21 @@ def test_out_row_strided_slice(isa, fn, rng):
     assert (big[:, :50] == 42.0).all() and (big[:, 1050:] == 42.0).all()
 
 
+@pytest.mark.parametrize("fn", ["log_softmax", "softmax"])
+def test_large_out_at_every_alignment(isa, fn, rng):
+    """Outputs over 32 MiB are written with non-temporal stores: whole vectors where a
+    row is vector-aligned, 16-byte pieces where it is 16-byte aligned, plain stores
+    otherwise. With V = 32001 the rows start at every 4-byte offset modulo 64, and
+    `out` starts 4 bytes into its buffer; the sentinel around it stays."""
+    n, V = 263, 32001  # 33.7 MB of float32
+    x = rng.standard_normal((n, V)).astype(np.float32)
+    buf = np.full(n * V + 2, 7.0, np.float32)
+    out = buf[1:-1].reshape(n, V)
+    assert call(fn, x, out=out) is out
+    assert_matches_reference(fn, out, x, F32)
+    assert buf[0] == 7.0 and buf[-1] == 7.0
+
+
 def test_out_wrong_shape_or_dtype_raises():
     x = np.zeros((3, 4), np.float32)
     for fn in ("log_softmax", "softmax"):

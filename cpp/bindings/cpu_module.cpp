@@ -5,9 +5,12 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <dlfcn.h>
+
 #include <string>
 
 #include "../cpu/kernels.h"
+#include "../cpu/output_pool.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -209,6 +212,42 @@ void math(const py::array& in, const py::array& out, int fn) {
   lmxent::cpu::active().math(i.data, o.data, i.cols, i.dtype, fn);
 }
 
+// An uninitialised uint8 array of `bytes` from the output pool; the block goes
+// back to the pool when the last array viewing it is released. While in use it
+// is traced in NumPy's tracemalloc domain, as NumPy's own data is. (The trace
+// functions are looked up at run time: Python 3.11's tracemalloc.h declares
+// them without extern "C", so a C++ call would not link.)
+constexpr unsigned kNumpyTraceDomain = 389047;
+struct Tracer {
+  int (*track)(unsigned, uintptr_t, size_t) = nullptr;
+  int (*untrack)(unsigned, uintptr_t) = nullptr;
+  Tracer() {
+    track = (int (*)(unsigned, uintptr_t, size_t))dlsym(RTLD_DEFAULT, "PyTraceMalloc_Track");
+    untrack = (int (*)(unsigned, uintptr_t))dlsym(RTLD_DEFAULT, "PyTraceMalloc_Untrack");
+  }
+};
+const Tracer& tracer() {
+  static const Tracer t;
+  return t;
+}
+struct PoolBlock {
+  void* p;
+  size_t n;
+};
+py::array pooled_empty(size_t bytes) {
+  PoolBlock b;
+  b.p = lmxent::cpu::pool_take(bytes, &b.n);
+  if (!b.p) throw std::bad_alloc();
+  if (tracer().track) tracer().track(kNumpyTraceDomain, (uintptr_t)b.p, b.n);
+  py::capsule owner(new PoolBlock(b), [](void* v) {
+    PoolBlock* b = (PoolBlock*)v;
+    if (tracer().untrack) tracer().untrack(kNumpyTraceDomain, (uintptr_t)b->p);
+    lmxent::cpu::pool_give(b->p, b->n);
+    delete b;
+  });
+  return py::array(py::dtype("uint8"), {(py::ssize_t)bytes}, {(py::ssize_t)1}, b.p, owner);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
@@ -225,6 +264,12 @@ PYBIND11_MODULE(_cpu, m) {
         py::arg("scale"), py::arg("direction"), py::arg("loss"), py::arg("grad"), py::arg("grad_scale"),
         py::arg("grad_rows"));
   m.def("math", &math);
+  m.def("pooled_empty", &pooled_empty, py::arg("bytes"));
+  m.def("pool_info", [] {
+    const lmxent::cpu::PoolInfo i = lmxent::cpu::pool_info();
+    return py::make_tuple(i.limit, i.idle_bytes, i.idle_blocks);
+  });
+  m.def("pool_set_limit", &lmxent::cpu::pool_set_limit, py::arg("limit"));
   m.def("isa", [] { return std::string(lmxent::cpu::active().isa); });
   m.def("set_isa", [](const std::string& name) {
     if (!lmxent::cpu::select(name.c_str())) fail("isa", "'" + name + "' is not available on this processor");

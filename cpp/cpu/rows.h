@@ -351,16 +351,21 @@ inline bool stream_output(const View2D& out, const void* in) {
 }
 
 // out[j] = f(j, valid lanes) over [c0, c1): whole vectors, then the tail.
-// stream: non-temporal stores where the row is vector-aligned.
+// stream: non-temporal stores where the row is 16-byte aligned.
 template <class T, class F>
 inline void row_emit(T* out, int64_t c0, int64_t c1, F f, bool stream = false) {
   typedef typename Compute<T>::type C;
   constexpr int W = Vec<C>::W;
   int64_t j = c0;
   if constexpr (std::is_same<T, C>::value) {
-    if (stream && ((uintptr_t)(out + c0) % sizeof(V<C>)) == 0) {
-      for (; j + W <= c1; j += W) store_stream(out + j, f(j, (int64_t)W));
-    }
+    const uintptr_t at = (uintptr_t)(out + c0);
+    auto streamed = [&](auto full) {
+      for (; j + W <= c1; j += W) store_stream<decltype(full)::value>(out + j, f(j, (int64_t)W));
+    };
+    if (stream && at % sizeof(V<C>) == 0)
+      streamed(std::true_type());
+    else if (stream && at % 16 == 0)
+      streamed(std::false_type());
   }
   for (; j + W <= c1; j += W) store(out + j, f(j, (int64_t)W));
   if (j < c1) store_partial<T>(out + j, f(j, c1 - j), c1 - j);

@@ -147,25 +147,36 @@ inline V<C> load_partial(const T* p, int64_t n, C fill) {
   for (int64_t i = n; i < Vec<C>::W; ++i) v[i] = fill;
   return v;
 }
-// A non-temporal store of a whole vector to a vector-aligned address.
-inline void store_stream(float* p, V<float> v) {
+// A non-temporal store of a whole vector. Full: to a vector-aligned address
+// (one instruction); else to a 16-byte aligned one, in 16-byte pieces (NumPy's
+// own allocations are only 16-byte aligned, and the streaming instructions
+// need their width's alignment).
+template <bool Full, class C>
+inline void store_stream(C* p, V<C> v) {
+#if defined(__SSE2__)
+  if constexpr (!Full && sizeof(V<C>) > 16) {
+    for (size_t o = 0; o < sizeof(V<C>); o += 16) {
+      __m128 h;
+      memcpy(&h, (const char*)&v + o, 16);
+      _mm_stream_ps((float*)((char*)p + o), h);
+    }
+  } else if constexpr (sizeof(C) == 4) {
 #if LMXENT_VBYTES == 64
-  _mm512_stream_ps(p, (__m512)v);
+    _mm512_stream_ps(p, (__m512)v);
 #elif LMXENT_VBYTES == 32
-  _mm256_stream_ps(p, (__m256)v);
-#elif defined(__SSE2__)
-  _mm_stream_ps(p, (__m128)v);
+    _mm256_stream_ps(p, (__m256)v);
 #else
-  store(p, v);
+    _mm_stream_ps(p, (__m128)v);
 #endif
-}
-inline void store_stream(double* p, V<double> v) {
+  } else {
 #if LMXENT_VBYTES == 64
-  _mm512_stream_pd(p, (__m512d)v);
+    _mm512_stream_pd(p, (__m512d)v);
 #elif LMXENT_VBYTES == 32
-  _mm256_stream_pd(p, (__m256d)v);
-#elif defined(__SSE2__)
-  _mm_stream_pd(p, (__m128d)v);
+    _mm256_stream_pd(p, (__m256d)v);
+#else
+    _mm_stream_pd(p, (__m128d)v);
+#endif
+  }
 #else
   store(p, v);
 #endif

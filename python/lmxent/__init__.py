@@ -5,7 +5,8 @@ the same pass, for NumPy (compiled C++ kernels, vectorised and threaded) and, wi
 the CUDA build, CuPy. `lmxent.reference` is the float64 oracle every kernel is
 checked against."""
 from . import reference
-from ._arrays import bfloat16_dtype, check_cuda_errors, set_cuda_validation
+from ._arrays import (bfloat16_dtype, check_cuda_errors, output_cache_info, set_cuda_validation,
+                      set_output_cache)
 from .cross_entropy import cross_entropy, cross_entropy_backward, cross_entropy_with_grad
 from .softmax import log_softmax, logsumexp, softmax
 from .linear_cross_entropy import linear_cross_entropy, linear_target_logprobs
@@ -41,4 +42,4 @@ __all__ = ["logsumexp", "log_softmax", "softmax", "cross_entropy", "cross_entrop
            "set_num_threads", "bfloat16_dtype",
            "sequence_scores", "answer_mask", "perplexity", "bits_per_byte", "calibration",
            "plot", "token_stats", "TokenStats", "kl_divergence",
-           "set_cuda_validation", "check_cuda_errors"]
+           "set_cuda_validation", "check_cuda_errors", "set_output_cache", "output_cache_info"]

@@ -1,11 +1,11 @@
 """python -m lmxent [check | bench | demo]
 
 check (the default): every kernel runs on random data of a few shapes and dtypes
-(awkward sizes included) and is compared with lmxent.reference (float64, on the
-same rounded inputs). One line per op: its worst error relative to the largest
-reference value, the tolerance, pass or FAIL. Then the instruction set and
-threads in use, and a quick timing against a plain NumPy implementation. The exit
-status is 1 if any check fails.
+(awkward sizes included, and outputs in reused blocks of the output cache) and is
+compared with lmxent.reference (float64, on the same rounded inputs). One line per
+op: its worst error relative to the largest reference value, the tolerance, pass
+or FAIL. Then the instruction set and threads in use, and a quick timing against
+a plain NumPy implementation. The exit status is 1 if any check fails.
 
 bench: lmxent against the peers installed on this machine (python -m lmxent bench -h).
 demo: trains a small byte-level language model end to end (python -m lmxent demo -h).
@@ -21,7 +21,9 @@ from lmxent import bench, demo
 from lmxent import reference as R
 from lmxent._cli import EPS, rel_error
 
-SHAPES = [(1, 1), (3, 7), (33, 1000), (4, 50257), (2, 70001)]
+# the last is large enough (4 MiB in float32) that outputs come from the output cache,
+# in blocks that earlier ops' outputs filled and released
+SHAPES = [(1, 1), (3, 7), (33, 1000), (4, 50257), (2, 70001), (64, 16411)]
 OPTIONS = dict(label_smoothing=0.1, z_loss=1e-4, softcap=30.0, logit_scale=0.5,
                ignore_index=0)
 
@@ -130,10 +132,12 @@ def check(verbose=True):
                 x = base.astype(dt)
                 for got, want, out_name in run(x, t, w, rng):
                     err = rel_error(got, want)
-                    # float32 math with a float32 (or 16-bit) result: a few ulps; the
-                    # Jensen-Shannon gradient is built from log-ratios of log-probabilities
-                    # whose absolute error is ulp(lse) (~|log p| ulps of the result)
-                    ulps = 64 if "js" in name else 16
+                    # float32 math with a float32 (or 16-bit) result: a few ulps. A
+                    # Jensen-Shannon gradient entry is p_j (c_j - sum_k p_k c_k) with
+                    # c = log(p / m) / 2: the two terms, up to ln(2) / 2 each, nearly cancel
+                    # where p_j is large and q_j is not small, so its error is ulps of them
+                    # (and of the 16k-term sum), not of the result
+                    ulps = 256 if "js" in name else 16
                     tol = ulps * EPS["float64" if dt == np.float64 else "float32"] + 2 * EPS[out_name]
                     worst = max(worst, err)
                     worst_ratio = max(worst_ratio, err / tol)
@@ -178,7 +182,8 @@ def timing():
 def self_check():
     info = lx.cpu_info()
     print(f"lmxent {lx.__version__}: CPU kernels {info['isa']} (available: "
-          f"{', '.join(info['available'])}), {info['threads']} threads, numpy {np.__version__}"
+          f"{', '.join(info['available'])}), {info['threads']} threads, output cache "
+          f"{lx.output_cache_info()['limit'] / 2**30:.2g} GiB, numpy {np.__version__}"
           + ("" if lx.bfloat16_dtype() is not None else "; bfloat16 skipped (no ml_dtypes)"))
     print("checking every kernel against lmxent.reference (float64):")
     failed = check()

@@ -3,6 +3,7 @@ dtype rules, the (..., V) -> 2-D row view, and argument validation. Everything
 a kernel assumes is checked here, before any kernel runs."""
 import math
 import operator
+import os
 
 import numpy as np
 
@@ -45,6 +46,59 @@ def array_module(x):
         import cupy
         return cupy
     return np
+
+
+# Large NumPy outputs come from the output pool (cpp/cpu/output_pool.h): memory
+# released by an earlier output is reused, already faulted in, instead of new
+# pages that the OS must zero first. Small ones are left to malloc, which
+# already recycles them.
+POOL_MIN_BYTES = 4 << 20
+_POOL_ON = False
+
+
+def _physical_memory():
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def set_output_cache(limit):
+    """Keep up to `limit` bytes of released large NumPy outputs for reuse (0: none);
+    returns the previous limit. Blocks above a lower limit are freed at once."""
+    global _POOL_ON
+    limit = integer(limit, "limit")
+    if limit < 0:
+        raise ValueError(f"limit must be a number of bytes >= 0, got {limit}")
+    _POOL_ON = limit > 0
+    return _cpu.pool_set_limit(limit)
+
+
+def output_cache_info():
+    """The output cache: its limit, and the bytes and blocks it holds for reuse."""
+    limit, idle, blocks = _cpu.pool_info()
+    return {"limit": limit, "held_bytes": idle, "held_blocks": blocks}
+
+
+def _default_output_cache():
+    env = os.environ.get("LMXENT_OUTPUT_CACHE")
+    if env is None:
+        return min(2 << 30, _physical_memory() // 8)
+    try:
+        return int(env)
+    except ValueError:
+        raise ValueError(f"LMXENT_OUTPUT_CACHE must be a number of bytes, got {env!r}") from None
+
+
+def empty(xp, shape, dtype):
+    """xp.empty(shape, dtype), from the output pool for a large NumPy array."""
+    dtype = np.dtype(dtype)
+    if xp is np and _POOL_ON:
+        shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes >= POOL_MIN_BYTES:
+            return _cpu.pooled_empty(nbytes).view(dtype).reshape(shape)
+    return xp.empty(shape, dtype)
 
 
 class _CudaKernels:
@@ -339,3 +393,6 @@ def direct_out(out, x2, xp):
             and res.strides == x2.strides):  # shapes and dtypes match already
         return None
     return res
+
+
+set_output_cache(_default_output_cache())

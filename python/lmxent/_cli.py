@@ -140,7 +140,7 @@ _DISTRIBUTIONS = ("numpy", "ml_dtypes", "torch", "jax", "jaxlib", "liger-kernel"
 
 
 def machine_info():
-    """CPU model and cores, lmxent's CPU kernels (lx.cpu_info()), the GPU if any,
+    """CPU model and cores, lmxent's CPU kernels (lx.cpu_info()) and output cache, the GPU if any,
     and the versions of Python and every installed library a report may mention."""
     import lmxent as lx
 
@@ -151,7 +151,7 @@ def machine_info():
         except importlib.metadata.PackageNotFoundError:
             pass
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "lmxent_cpu": lx.cpu_info(),
-            "gpu": gpu_name(), "platform": platform.platform(), "versions": versions}
+            "output_cache": lx.output_cache_info(), "gpu": gpu_name(), "platform": platform.platform(), "versions": versions}
 
 
 def positive_int(text):

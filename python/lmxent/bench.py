@@ -26,6 +26,10 @@ kl_divergence with its gradient. "of copy" is the op's GB/s over the copy's. The
 LM head is compute-bound and reports GFLOP/s instead: 6 N V D (the logits,
 d_hidden and d_weight), D = --hidden. "lmxent speedup" is the peer's time over
 lmxent's time for the same op (over plain lmxent, never its inplace variant).
+lmxent's large NumPy outputs come from its output cache (lx.set_output_cache), so
+each timed call reuses the block the previous result released; NumPy and torch on
+the CPU get fresh pages from the OS (zero-filled on first touch) every call. On the
+GPU every library reuses memory through its pool.
 
     python -m lmxent bench --quick                       # < 1 minute on 2 cores
     python -m lmxent bench                               # vocabulary sweep, float32 and bfloat16

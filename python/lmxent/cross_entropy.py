@@ -160,13 +160,13 @@ class _Problem:
                 raise ValueError("give out= or inplace=True, not both")
             return self.x2, self.x, None
         if out is None:
-            g = self.xp.empty(self.x2.shape, self.x.dtype)
+            g = A.empty(self.xp, self.x2.shape, self.x.dtype)
             return g, g.reshape(self.x.shape), None
         A.check_out(out, self.x.shape, self.x.dtype, xp=self.xp)
         rows = A.direct_out(out, self.x2, self.xp)
         if rows is not None:
             return rows, out, None
-        g = self.xp.empty(self.x2.shape, self.x.dtype)  # out overlaps the logits in part
+        g = A.empty(self.xp, self.x2.shape, self.x.dtype)  # out overlaps the logits in part
         return g, out, g
 
     def grad_into(self, written, returned, buffer, **run_args):

@@ -86,7 +86,7 @@ def kl_divergence(student_logits, teacher_logits, *, temperature=1.0, direction=
         if inplace:
             g2, g = s2, s
         else:
-            g = xp.empty(s.shape, s.dtype)
+            g = A.empty(xp, s.shape, s.dtype)
             g2 = g.reshape(s2.shape)
 
     loss = xp.empty(n, ct)

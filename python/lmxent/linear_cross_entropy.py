@@ -139,7 +139,7 @@ class _Head:
         chunk. The logits are a view of one buffer that the next chunk overwrites: a
         consumer may overwrite it too (the in-place gradient)."""
         xp = self.xp
-        buf = xp.empty((self.rows, self.V), self.ct)
+        buf = A.empty(xp, (self.rows, self.V), self.ct)
         wT = self.w.T
         for start in range(0, self.N, self.rows):
             sl = slice(start, min(start + self.rows, self.N))
@@ -212,14 +212,14 @@ class _Grads:
     def __init__(self, head):
         xp, ct, N, V = head.xp, head.ct, head.N, head.V
         self.head, D = head, head.h2.shape[1]
-        self.d_hidden = xp.empty((N, D), head.dtype)
-        self.d_weight = xp.empty((V, D), ct)
+        self.d_hidden = A.empty(xp, (N, D), head.dtype)
+        self.d_weight = A.empty(xp, (V, D), ct)
         self.d_bias = xp.empty(V, ct) if head.b is not None else None
-        self.dh_tmp = xp.empty((head.rows, D), ct) if head.dtype != ct else None
+        self.dh_tmp = A.empty(xp, (head.rows, D), ct) if head.dtype != ct else None
         # d_weight += g.T @ h goes through this (see _BLOCK_ELEMS); no larger than the
         # logits buffer either
         block = max(1, min(_BLOCK_ELEMS, head.rows * V) // D)
-        self.tmp = xp.empty((min(V, block), D), ct) if head.rows < N else None
+        self.tmp = A.empty(xp, (min(V, block), D), ct) if head.rows < N else None
 
     def add(self, sl, h, g):
         """Add the chunk of rows `sl`: hidden rows h and logit gradients g (both in the

@@ -39,7 +39,7 @@ def _softmax(x, axis, temperature, out, log):
     res = A.direct_out(out, x2, xp) if out is not None and axis == x.ndim - 1 else None
     direct = res is not None
     if not direct:
-        res = xp.empty(x2.shape, x.dtype)
+        res = A.empty(xp, x2.shape, x.dtype)
     A.kernels(x).softmax(x2, res, None, scale, log)
     y = xp.moveaxis(res.reshape(lead + (x.shape[axis],)), -1, axis)
     if out is None:
