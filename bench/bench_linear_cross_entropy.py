@@ -18,7 +18,9 @@ of some vocabulary rows); a wrong result is reported and not timed.
 
 Memory: the peak resident set (VmHWM, reset through /proc/self/clear_refs) during
 one call, minus the resident set before it: every allocation (NumPy, torch, the
-outputs) that the call touched, the same way for every implementation. "working" is
+outputs) that the call touched, the same way for every implementation. Memory that
+malloc and lmxent's output cache hold for reuse is released first, so that reusing
+it counts. "working" is
 that peak minus the call's outputs (d_hidden, d_weight), which every path returns.
 The first call (the check) is the warm-up; the time is the best of --repeats calls
 taken round robin over the implementations (this machine's load varies); the
@@ -71,6 +73,7 @@ def peak_rss(fn):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+    lx.set_output_cache(lx.set_output_cache(0))  # the same for lmxent's output cache
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current resident set

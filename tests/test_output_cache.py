@@ -18,10 +18,11 @@ import lmxent as lx
 from lmxent import _arrays as A
 from lmxent import reference as R
 
-from conftest import assert_grad_close, assert_matches_reference
+from conftest import DTYPE_IDS, DTYPES, assert_grad_close, assert_matches_reference
 
-N, V = 40, 32000  # 5.1 MB of float32: above the pool's 4 MiB floor
-assert N * V * 4 >= A.POOL_MIN_BYTES
+N, V = 80, 32000  # 5.1 MB in float16: above the pool's 4 MiB floor for every dtype
+assert N * V * 2 >= A.POOL_MIN_BYTES
+MiB = 1 << 20
 
 
 @pytest.fixture
@@ -60,26 +61,29 @@ OPS = {  # name: (op(x, aux), reference(x, aux), aux from (rng, x))
     "log_softmax": (lambda x, _: lx.log_softmax(x), None, None),
     "softmax": (lambda x, _: lx.softmax(x), None, None),
     "cross_entropy_with_grad": (ce_grad, ce_grad_ref, lambda rng, x: targets_with_ignored(rng, *x.shape)),
-    "kl_divergence": (kl_grad, kl_grad_ref, lambda rng, x: rng.standard_normal(x.shape, np.float32)),
+    "kl_divergence": (kl_grad, kl_grad_ref, lambda rng, x: rng.standard_normal(x.shape).astype(x.dtype)),
 }
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("name", OPS)
-def test_a_reused_block_gives_the_reference_result(cache, rng, name):
+def test_a_reused_block_gives_the_reference_result(cache, rng, name, dtype):
     op, ref, aux = OPS[name]
-    x1 = rng.standard_normal((N, V), np.float32)
+    x1 = rng.standard_normal((N, V)).astype(dtype)
     first = op(x1, aux(rng, x1) if aux else None)
     where = first.ctypes.data
     first.fill(np.nan)
     del first
-    x2 = rng.standard_normal((N, V), np.float32) * 4
+    x2 = (rng.standard_normal((N, V)) * 4).astype(dtype)
     a2 = aux(rng, x2) if aux else None
     out = op(x2, a2)
     assert out.ctypes.data == where, "the released block was not reused"
     if ref is None:
-        assert_matches_reference(name, out, x2, np.float32)
+        assert_matches_reference(name, out, x2, dtype)
     else:
-        assert_grad_close(out, ref(x2, a2), np.float32)
+        x64 = x2.astype(np.float64)
+        assert_grad_close(out, ref(x64, a2 if a2 is None or a2.dtype.kind == "i"
+                                   else a2.astype(np.float64)), dtype)
 
 
 def test_linear_cross_entropy_gradients_from_reused_blocks(cache, rng):
@@ -129,11 +133,14 @@ def test_limit(rng):
         lx.log_softmax(x)
         assert lx.output_cache_info()["held_blocks"] == 0
         lx.set_output_cache(1 << 30)
-        lx.log_softmax(x), lx.log_softmax(x)  # two blocks in use at once, then both released
+        a, b = lx.log_softmax(x), lx.log_softmax(x)  # two blocks in use at once
+        older, newer = a.ctypes.data, b.ctypes.data
+        del a, b  # released in that order: b is the newest
         info = lx.output_cache_info()
         assert info["held_blocks"] == 2 and info["held_bytes"] >= 2 * N * V * 4
         lx.set_output_cache(info["held_bytes"] // 2)  # the oldest block is freed
         assert lx.output_cache_info()["held_blocks"] == 1
+        assert lx.log_softmax(x).ctypes.data == newer != older
     finally:
         lx.set_output_cache(0)
         lx.set_output_cache(old)
@@ -142,6 +149,7 @@ def test_limit(rng):
 def test_tracemalloc_sees_outputs_in_use(cache, rng):
     x = rng.standard_normal((N, V), np.float32)
     lx.log_softmax(x)  # a held block: reused below, and still counted while in use
+    started = not tracemalloc.is_tracing()
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
@@ -150,10 +158,26 @@ def test_tracemalloc_sees_outputs_in_use(cache, rng):
         del y
         assert tracemalloc.get_traced_memory()[0] - base < 1 << 20
     finally:
-        tracemalloc.stop()
+        if started:
+            tracemalloc.stop()
 
 
-@pytest.mark.parametrize("limit, err", [(-1, ValueError), (1.5, TypeError), ("1G", TypeError)])
+def test_the_smallest_fitting_block_is_reused(cache):
+    """A block serves a request of up to a quarter less than its size."""
+    big, small = A.empty(np, 16 * MiB, np.uint8), A.empty(np, 8 * MiB, np.uint8)
+    at = {16: big.ctypes.data, 8: small.ctypes.data}
+    del big, small
+    six = A.empty(np, 6 * MiB, np.uint8)  # fits both: the 8 MiB block
+    assert six.ctypes.data == at[8]
+    ten = A.empty(np, 10 * MiB, np.uint8)  # 16 MiB is more than a third too large
+    assert ten.ctypes.data != at[16]
+    fourteen = A.empty(np, 14 * MiB, np.uint8)
+    assert fourteen.ctypes.data == at[16]
+    assert lx.output_cache_info()["held_blocks"] == 0
+
+
+@pytest.mark.parametrize("limit, err", [(-1, ValueError), (2**64, ValueError), (1.5, TypeError),
+                                        ("1G", TypeError)])
 def test_bad_limit(limit, err):
     with pytest.raises(err, match="limit"):
         lx.set_output_cache(limit)

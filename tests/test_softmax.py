@@ -243,17 +243,18 @@ def test_out_row_strided_slice(isa, fn, rng):
 
 
 @pytest.mark.parametrize("fn", ["log_softmax", "softmax"])
-def test_large_out_at_every_alignment(isa, fn, rng):
+@pytest.mark.parametrize("dtype", [F32, F64], ids=_dtype_id)
+def test_large_out_at_every_alignment(isa, fn, dtype, rng):
     """Outputs over 32 MiB are written with non-temporal stores: whole vectors where a
     row is vector-aligned, 16-byte pieces where it is 16-byte aligned, plain stores
-    otherwise. With V = 32001 the rows start at every 4-byte offset modulo 64, and
-    `out` starts 4 bytes into its buffer; the sentinel around it stays."""
+    otherwise. With V = 32001 the rows start at every item-size offset modulo 64, and
+    `out` starts one item into its buffer; the sentinel around it stays."""
     n, V = 263, 32001  # 33.7 MB of float32
-    x = rng.standard_normal((n, V)).astype(np.float32)
-    buf = np.full(n * V + 2, 7.0, np.float32)
+    x = rng.standard_normal((n, V)).astype(dtype)
+    buf = np.full(n * V + 2, 7.0, dtype)
     out = buf[1:-1].reshape(n, V)
     assert call(fn, x, out=out) is out
-    assert_matches_reference(fn, out, x, F32)
+    assert_matches_reference(fn, out, x, dtype)
     assert buf[0] == 7.0 and buf[-1] == 7.0
 
 

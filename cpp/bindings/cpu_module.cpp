@@ -234,17 +234,36 @@ struct PoolBlock {
   void* p;
   size_t n;
 };
+bool finalizing() {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsFinalizing();
+#else
+  return _Py_IsFinalizing();
+#endif
+}
+void release_block(void* v) {
+  PoolBlock* b = (PoolBlock*)v;
+  // Untracking during interpreter exit crashes some CPython versions (gh-129185).
+  if (tracer().untrack && !finalizing()) tracer().untrack(kNumpyTraceDomain, (uintptr_t)b->p);
+  lmxent::cpu::pool_give(b->p, b->n);
+  delete b;
+}
 py::array pooled_empty(size_t bytes) {
   PoolBlock b;
   b.p = lmxent::cpu::pool_take(bytes, &b.n);
   if (!b.p) throw std::bad_alloc();
+  PoolBlock* owned = nullptr;
+  py::capsule owner;
+  try {
+    owned = new PoolBlock(b);
+    owner = py::capsule(owned, release_block);  // from here on the capsule gives the block back
+  } catch (...) {
+    delete owned;
+    lmxent::cpu::pool_give(b.p, b.n);
+    throw;
+  }
+  // Traced at its real size (the block, 2 MiB granular), which is what it holds.
   if (tracer().track) tracer().track(kNumpyTraceDomain, (uintptr_t)b.p, b.n);
-  py::capsule owner(new PoolBlock(b), [](void* v) {
-    PoolBlock* b = (PoolBlock*)v;
-    if (tracer().untrack) tracer().untrack(kNumpyTraceDomain, (uintptr_t)b->p);
-    lmxent::cpu::pool_give(b->p, b->n);
-    delete b;
-  });
   return py::array(py::dtype("uint8"), {(py::ssize_t)bytes}, {(py::ssize_t)1}, b.p, owner);
 }
 

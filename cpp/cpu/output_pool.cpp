@@ -1,15 +1,16 @@
 // The output pool (see output_pool.h). A block is reused for a request of up
 // to a quarter less than its size, so that outputs whose token count varies a
 // little between steps still find one; the smallest fitting block is taken.
+// Blocks are mapped from the OS directly, never from malloc's heap, so that a
+// freed block really goes back (and its huge-page advice with it).
 #include "output_pool.h"
 
-#include <stdlib.h>
-#if defined(__linux__)
+#include <stdint.h>
 #include <sys/mman.h>
-#endif
 
 #include <deque>
 #include <mutex>
+#include <new>
 
 namespace lmxent {
 namespace cpu {
@@ -20,6 +21,22 @@ struct Block {
   size_t n;
 };
 
+// n bytes (a multiple of kPoolAlign) at a kPoolAlign-aligned address: map
+// kPoolAlign more and unmap the unaligned head and the rest of the tail.
+void* map_block(size_t n) {
+  void* m = mmap(nullptr, n + kPoolAlign, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (m == MAP_FAILED) return nullptr;
+  const uintptr_t a = (uintptr_t)m, p = (a + kPoolAlign - 1) / kPoolAlign * kPoolAlign;
+  if (p > a) munmap(m, p - a);
+  if (p + n < a + n + kPoolAlign) munmap((void*)(p + n), a + n + kPoolAlign - (p + n));
+#if defined(MADV_HUGEPAGE)
+  madvise((void*)p, n, MADV_HUGEPAGE);  // fewer faults and TLB misses; advice only
+#endif
+  return (void*)p;
+}
+
+void unmap_block(const Block& b) { munmap(b.p, b.n); }
+
 struct Pool {
   std::mutex mu;
   std::deque<Block> idle;  // newest first
@@ -28,7 +45,7 @@ struct Pool {
   void trim() {  // under mu
     while (idle_bytes > limit) {
       idle_bytes -= idle.back().n;
-      free(idle.back().p);
+      unmap_block(idle.back());
       idle.pop_back();
     }
   }
@@ -44,6 +61,7 @@ Pool& pool() {
 }  // namespace
 
 void* pool_take(size_t bytes, size_t* got) {
+  if (bytes == 0 || bytes > SIZE_MAX / 2) return nullptr;
   const size_t n = (bytes + kPoolAlign - 1) / kPoolAlign * kPoolAlign;
   Pool& pl = pool();
   {
@@ -59,23 +77,25 @@ void* pool_take(size_t bytes, size_t* got) {
       return b.p;
     }
   }
-  void* p = aligned_alloc(kPoolAlign, n);
-  if (!p) return nullptr;
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  madvise(p, n, MADV_HUGEPAGE);  // fewer faults and TLB misses; advice only
-#endif
-  *got = n;
+  void* p = map_block(n);
+  if (p) *got = n;
   return p;
 }
 
-void pool_give(void* p, size_t bytes) {
+void pool_give(void* p, size_t bytes) noexcept {
+  const Block b{p, bytes};
   Pool& pl = pool();
   std::lock_guard<std::mutex> lock(pl.mu);
   if (bytes > pl.limit) {  // would push out every other block
-    free(p);
+    unmap_block(b);
     return;
   }
-  pl.idle.push_front({p, bytes});
+  try {
+    pl.idle.push_front(b);
+  } catch (const std::bad_alloc&) {
+    unmap_block(b);
+    return;
+  }
   pl.idle_bytes += bytes;
   pl.trim();
 }

@@ -56,11 +56,19 @@ POOL_MIN_BYTES = 4 << 20
 _POOL_ON = False
 
 
-def _physical_memory():
+def _memory_available_to_us():
+    """Physical memory, or a container's (cgroup v2 or v1) memory limit if lower."""
     try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
-        return 8 << 30
+        total = 8 << 30
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                total = min(total, int(f.read().strip()))
+        except (OSError, ValueError):  # absent, or "max"
+            pass
+    return total
 
 
 def set_output_cache(limit):
@@ -68,10 +76,11 @@ def set_output_cache(limit):
     returns the previous limit. Blocks above a lower limit are freed at once."""
     global _POOL_ON
     limit = integer(limit, "limit")
-    if limit < 0:
-        raise ValueError(f"limit must be a number of bytes >= 0, got {limit}")
-    _POOL_ON = limit > 0
-    return _cpu.pool_set_limit(limit)
+    if not 0 <= limit < 2**63:
+        raise ValueError(f"limit must be a number of bytes >= 0 (below 2**63), got {limit}")
+    old = _cpu.pool_set_limit(limit)
+    _POOL_ON = limit >= POOL_MIN_BYTES  # a smaller cache could never keep a block
+    return old
 
 
 def output_cache_info():
@@ -83,7 +92,7 @@ def output_cache_info():
 def _default_output_cache():
     env = os.environ.get("LMXENT_OUTPUT_CACHE")
     if env is None:
-        return min(2 << 30, _physical_memory() // 8)
+        return min(2 << 30, _memory_available_to_us() // 8)
     try:
         return int(env)
     except ValueError:
