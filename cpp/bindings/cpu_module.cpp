@@ -230,10 +230,7 @@ const Tracer& tracer() {
   static const Tracer t;
   return t;
 }
-struct PoolBlock {
-  void* p;
-  size_t n;
-};
+using lmxent::cpu::PoolBlock;
 bool finalizing() {
 #if PY_VERSION_HEX >= 0x030D0000
   return Py_IsFinalizing();
@@ -245,12 +242,11 @@ void release_block(void* v) {
   PoolBlock* b = (PoolBlock*)v;
   // Untracking during interpreter exit crashes some CPython versions (gh-129185).
   if (tracer().untrack && !finalizing()) tracer().untrack(kNumpyTraceDomain, (uintptr_t)b->p);
-  lmxent::cpu::pool_give(b->p, b->n);
+  lmxent::cpu::pool_give(*b);
   delete b;
 }
 py::array pooled_empty(size_t bytes) {
-  PoolBlock b;
-  b.p = lmxent::cpu::pool_take(bytes, &b.n);
+  const PoolBlock b = lmxent::cpu::pool_take(bytes);
   if (!b.p) throw std::bad_alloc();
   PoolBlock* owned = nullptr;
   py::capsule owner;
@@ -259,7 +255,7 @@ py::array pooled_empty(size_t bytes) {
     owner = py::capsule(owned, release_block);  // from here on the capsule gives the block back
   } catch (...) {
     delete owned;
-    lmxent::cpu::pool_give(b.p, b.n);
+    lmxent::cpu::pool_give(b);
     throw;
   }
   // Traced at its real size (the block, 2 MiB granular), which is what it holds.

@@ -16,11 +16,6 @@ namespace lmxent {
 namespace cpu {
 namespace {
 
-struct Block {
-  void* p;
-  size_t n;
-};
-
 // n bytes (a multiple of kPoolAlign) at a kPoolAlign-aligned address: map
 // kPoolAlign more and unmap the unaligned head and the rest of the tail.
 void* map_block(size_t n) {
@@ -35,11 +30,11 @@ void* map_block(size_t n) {
   return (void*)p;
 }
 
-void unmap_block(const Block& b) { munmap(b.p, b.n); }
+void unmap_block(const PoolBlock& b) { munmap(b.p, b.n); }
 
 struct Pool {
   std::mutex mu;
-  std::deque<Block> idle;  // newest first
+  std::deque<PoolBlock> idle;  // newest first
   size_t idle_bytes = 0, limit = 0;
 
   void trim() {  // under mu
@@ -60,8 +55,8 @@ Pool& pool() {
 
 }  // namespace
 
-void* pool_take(size_t bytes, size_t* got) {
-  if (bytes == 0 || bytes > SIZE_MAX / 2) return nullptr;
+PoolBlock pool_take(size_t bytes) {
+  if (bytes == 0 || bytes > SIZE_MAX / 2) return {nullptr, 0};
   const size_t n = (bytes + kPoolAlign - 1) / kPoolAlign * kPoolAlign;
   Pool& pl = pool();
   {
@@ -70,23 +65,19 @@ void* pool_take(size_t bytes, size_t* got) {
     for (auto it = pl.idle.begin(); it != pl.idle.end(); ++it)
       if (it->n >= n && it->n - n <= it->n / 4 && (best == pl.idle.end() || it->n < best->n)) best = it;
     if (best != pl.idle.end()) {
-      const Block b = *best;
+      const PoolBlock b = *best;
       pl.idle.erase(best);
       pl.idle_bytes -= b.n;
-      *got = b.n;
-      return b.p;
+      return b;
     }
   }
-  void* p = map_block(n);
-  if (p) *got = n;
-  return p;
+  return {map_block(n), n};
 }
 
-void pool_give(void* p, size_t bytes) noexcept {
-  const Block b{p, bytes};
+void pool_give(PoolBlock b) noexcept {
   Pool& pl = pool();
   std::lock_guard<std::mutex> lock(pl.mu);
-  if (bytes > pl.limit) {  // would push out every other block
+  if (b.n > pl.limit) {  // would push out every other block
     unmap_block(b);
     return;
   }
@@ -96,7 +87,7 @@ void pool_give(void* p, size_t bytes) noexcept {
     unmap_block(b);
     return;
   }
-  pl.idle_bytes += bytes;
+  pl.idle_bytes += b.n;
   pl.trim();
 }
 

@@ -140,8 +140,9 @@ _DISTRIBUTIONS = ("numpy", "ml_dtypes", "torch", "jax", "jaxlib", "liger-kernel"
 
 
 def machine_info():
-    """CPU model and cores, lmxent's CPU kernels (lx.cpu_info()) and output cache, the GPU if any,
-    and the versions of Python and every installed library a report may mention."""
+    """CPU model and cores, lmxent's CPU kernels (lx.cpu_info()) and output cache, the
+    GPU if any, and the versions of Python and every installed library a report may
+    mention."""
     import lmxent as lx
 
     versions = {"python": platform.python_version(), "lmxent": lx.__version__}
@@ -151,7 +152,8 @@ def machine_info():
         except importlib.metadata.PackageNotFoundError:
             pass
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "lmxent_cpu": lx.cpu_info(),
-            "output_cache": lx.output_cache_info(), "gpu": gpu_name(), "platform": platform.platform(), "versions": versions}
+            "output_cache": lx.output_cache_info(), "gpu": gpu_name(),
+            "platform": platform.platform(), "versions": versions}
 
 
 def positive_int(text):
