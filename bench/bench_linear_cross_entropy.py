@@ -172,7 +172,7 @@ def bench_shape(N, D, V, dtype, repeats, chunk_rows, sweep, skip):
     k, vocab_rows = min(N, 32), np.unique(np.concatenate([t[:8], rng.integers(0, V, 24)]))
     low = dtype != np.float32
     want = reference_parts(h, W, t, k, vocab_rows)
-    lmx_rows = chunk_rows or _Head(h, W, t, None, -100, None, None).rows
+    lmx_rows = chunk_rows or _Head(h, W, t).rows
     out_bytes = h.nbytes + W.nbytes
 
     impls = {"lmxent": lambda: lx.linear_cross_entropy(h, W, t, chunk_size=chunk_rows)}

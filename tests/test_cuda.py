@@ -81,6 +81,9 @@ class FakeArray:
     def __bool__(self):
         return bool(self._read())
 
+    def item(self):
+        return self._read().item()
+
     def __format__(self, spec):
         return format(self._read(), spec)
 
@@ -107,6 +110,9 @@ class FakeArray:
     def sum(self, axis=None, dtype=None):
         return _wrap(self._a.sum(axis=axis, dtype=dtype))
 
+    def max(self, axis=None):
+        return _wrap(self._a.max(axis=axis))
+
     def any(self):
         return _wrap(self._a.any())
 
@@ -115,19 +121,37 @@ class FakeArray:
 
 
 FakeArray.__module__ = "cupy"  # what lmxent._arrays._is_cupy looks at
+
+
+def _scalar_like_cupy(a, o):
+    """A Python int operand as CuPy casts it against an unsigned array: to the array's
+    dtype, wrapping negative values (uint64 ids != -100 is False for 2**64 - 100)."""
+    if isinstance(o, int) and not isinstance(o, bool) and a.dtype.kind == "u" and o < 0:
+        return a.dtype.type(o % (1 << (8 * a.dtype.itemsize)))
+    return _unwrap(o)
+
+
 for _name, _op in [("eq", operator.eq), ("ne", operator.ne), ("lt", operator.lt),
                    ("le", operator.le), ("gt", operator.gt), ("ge", operator.ge),
                    ("and", operator.and_), ("or", operator.or_), ("add", operator.add),
                    ("sub", operator.sub), ("mul", operator.mul), ("truediv", operator.truediv)]:
-    setattr(FakeArray, f"__{_name}__", lambda s, o, op=_op: _wrap(op(s._a, _unwrap(o))))
-    setattr(FakeArray, f"__r{_name}__", lambda s, o, op=_op: _wrap(op(_unwrap(o), s._a)))
+    setattr(FakeArray, f"__{_name}__",
+            lambda s, o, op=_op: _wrap(op(s._a, _scalar_like_cupy(s._a, o))))
+    setattr(FakeArray, f"__r{_name}__",
+            lambda s, o, op=_op: _wrap(op(_scalar_like_cupy(s._a, o), s._a)))
 FakeArray.__invert__ = lambda s: _wrap(~s._a)
 FakeArray.__neg__ = lambda s: _wrap(-s._a)
 
 
 def _unwrap(v):
+    """The NumPy storage of device arguments. Host arrays are refused, as CuPy 14
+    refuses NumPy arrays in its ufuncs, indexing and assignment ("Unsupported
+    type"): every host -> device copy must be explicit (cupy.asarray). NumPy and
+    Python scalars pass, as they do in CuPy."""
     if isinstance(v, FakeArray):
         return v._a
+    if isinstance(v, np.ndarray):
+        raise TypeError(f"Unsupported type {type(v)}")
     if isinstance(v, (tuple, list)):
         return type(v)(_unwrap(e) for e in v)
     return v
@@ -167,7 +191,8 @@ def make_fake_cupy():
     m.asnumpy = lambda a: a.get()
     for name in ("empty", "zeros", "full", "where", "stack", "count_nonzero", "clip",
                  "isfinite", "argmax", "moveaxis", "expand_dims", "broadcast_to",
-                 "ascontiguousarray", "matmul", "add", "subtract", "sum"):
+                 "ascontiguousarray", "matmul", "add", "subtract", "sum", "exp", "abs",
+                 "arange", "linspace", "searchsorted", "bincount"):
         setattr(m, name, _fake_fn(getattr(np, name)))
     m.may_share_memory = lambda a, b: np.may_share_memory(_unwrap(a), _unwrap(b))
     m.cuda = types.SimpleNamespace(
@@ -264,6 +289,20 @@ def xp(request, monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", fake)
     monkeypatch.setattr(A, "_CUDA", A._CudaKernels(FakeCuda()))
     yield fake
+
+
+# CuPy 14 handles bfloat16 arrays only with NumPy >= 2.1.2 (older NumPy lacks the
+# dtype machinery it uses); the `cuda` extra requires it, but a user may have less.
+CUPY_BF16 = np.lib.NumpyVersion(np.__version__) >= "2.1.2"
+
+
+@pytest.fixture(autouse=True)
+def _bf16_needs_numpy_2_1_2(request):
+    params = getattr(request.node, "callspec", None)
+    params = params.params if params else {}
+    if (params.get("xp") == "cupy" and not CUPY_BF16 and BF16 is not None
+            and any(v is BF16 for v in params.values())):
+        pytest.skip(f"bfloat16 CuPy arrays need NumPy >= 2.1.2 (this is {np.__version__})")
 
 
 @pytest.fixture
@@ -926,6 +965,52 @@ def test_cuda_stream_and_bfloat16(rng):
     assert_grad_close(g, r_grad, BF16)
 
 
+def test_failed_call_restores_the_current_device_and_clears_the_error(rng):
+    """A call that fails inside lmxent._cuda (here: cudaSetDevice of a device that does
+    not exist) leaves CuPy's current device as it was and no error behind for the next
+    call to report as its own."""
+    cupy, why = _real_cupy()
+    if cupy is None:
+        pytest.skip(why)
+    from lmxent import _cuda
+    x = cupy.asarray(rng.standard_normal((4, 100)).astype(np.float32))
+
+    class OnAnotherDevice:  # x's memory, claiming a device that does not exist
+        __cuda_array_interface__ = x.__cuda_array_interface__
+        dtype = x.dtype
+        device = types.SimpleNamespace(id=cupy.cuda.runtime.getDeviceCount() + 7)
+
+    before = cupy.cuda.runtime.getDevice()
+    with pytest.raises(RuntimeError, match="cudaSetDevice"):
+        _cuda.softmax(OnAnotherDevice(), None, cupy.empty(4, np.float32), 1.0, False)
+    assert cupy.cuda.runtime.getDevice() == before
+    y = lx.softmax(x)  # the next valid call does not inherit the error
+    np.testing.assert_allclose(y.get(), ref.softmax(x.get().astype(np.float64)), rtol=1e-5)
+
+
+def test_call_on_another_device_leaves_the_current_device(rng):
+    """With two GPUs: arrays on device 1 while device 0 is current. lmxent runs on
+    the arrays' device (outputs are allocated by the caller on device 1) and device 0
+    is current again afterwards, also after a call that fails (an output on device 0)."""
+    cupy, why = _real_cupy()
+    if cupy is None:
+        pytest.skip(why)
+    if cupy.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs two GPUs")
+    from lmxent import _cuda
+    x = rng.standard_normal((4, 100)).astype(np.float32)
+    with cupy.cuda.Device(1):
+        d = cupy.asarray(x)
+        lse1 = cupy.empty(4, np.float32)
+    with cupy.cuda.Device(0):
+        _cuda.softmax(d, None, lse1, 1.0, False)
+        assert cupy.cuda.runtime.getDevice() == 0
+        with pytest.raises(ValueError, match="lse: is on device 0"):
+            _cuda.softmax(d, None, cupy.empty(4, np.float32), 1.0, False)
+        assert cupy.cuda.runtime.getDevice() == 0
+    np.testing.assert_allclose(lse1.get(), ref.logsumexp(x.astype(np.float64)), rtol=1e-5)
+
+
 # ------------------------------------------------------------------ LM head
 
 @pytest.mark.parametrize("dtype", [F32, F64] + ([BF16] if BF16 is not None else []),
@@ -960,6 +1045,98 @@ def test_linear_target_logprobs_on_device(xp, rng):
     rlp, rlse = ref.linear_target_logprobs(h64, w64, t, bias=b64)
     assert_loss_close(host(logprob), rlp, F32, what="logprob")
     assert_loss_close(host(lse), rlse, F32, what="lse")
+
+
+# ------------------------------------------------------------ evaluation
+
+def test_evaluation_on_device_with_host_arguments(xp, rng):
+    """Device logits with host tokens, masks, counts and Python numbers (what the
+    core accepts), against the reference."""
+    x = rng.normal(scale=3.0, size=(3, 6, 40)).astype(np.float32)
+    tokens = rng.integers(0, 40, size=(3, 6))
+    tokens[0, 3] = -100
+    mask = rng.random((3, 6)) < 0.8
+    want = ref.sequence_scores(x.astype(np.float64), tokens, mask=mask)
+    for tk, mk in [(tokens, mask), (xp.asarray(tokens), mask), (tokens, xp.asarray(mask)),
+                   (tokens.tolist(), mask.astype(np.int8))]:
+        sc = lx.sequence_scores(xp.asarray(x), tk, mask=mk)
+        np.testing.assert_allclose(host(sc.logprob_sum), want.logprob_sum, rtol=1e-5)
+        np.testing.assert_array_equal(host(sc.n_tokens), want.n_tokens)
+    nll = rng.uniform(0, 50, size=4)
+    for fn in ("perplexity", "bits_per_byte"):
+        want = getattr(ref, fn)(nll, 3)
+        for a, b in [(xp.asarray(nll), 3), (xp.asarray(nll), np.int64(3)),
+                     (xp.asarray(nll), np.full(4, 3.0)), (nll, xp.asarray(np.full(4, 3))),
+                     (nll.tolist(), xp.asarray(np.asarray(3)))]:
+            np.testing.assert_allclose(host(getattr(lx, fn)(a, b)), want, rtol=1e-14)
+    conf, ok = rng.random(50), rng.random(50) < 0.5
+    want = ref.calibration(conf, ok, n_bins=5)
+    for c, k in [(xp.asarray(conf), ok), (conf, xp.asarray(ok))]:
+        got = lx.calibration(c, k, n_bins=5)
+        np.testing.assert_allclose(float(host(got.ece)), want.ece, rtol=1e-12)
+        np.testing.assert_array_equal(host(got.counts), want.counts)
+    m = lx.answer_mask(xp.asarray(np.array([1, 0])), np.array([3, 2]), 4)
+    np.testing.assert_array_equal(host(m), ref.answer_mask([1, 0], [3, 2], 4))
+
+
+@pytest.mark.parametrize("where", ["device", "host"])
+def test_sequence_scores_uint64_ids_past_int64_are_out_of_range(xp, rng, where):
+    """2**64 - 100 is -100 as an int64: it must be refused as out of range, not taken
+    for ignore_index."""
+    x = xp.asarray(rng.normal(size=(1, 4, 10)).astype(np.float32))
+    tokens = np.array([[1, 2, 2**64 - 100, 3]], dtype=np.uint64)
+    tokens = xp.asarray(tokens) if where == "device" else tokens
+    with pytest.raises(ValueError, match=r"tokens: value 18446744073709551516 at position "
+                                         r"\(0, 2\) is out of range \[0, 10\)"):
+        lx.sequence_scores(x, tokens)
+
+
+def test_fake_cupy_refuses_host_arrays_like_cupy():
+    """The stand-in must refuse what CuPy 14 refuses, or it would hide host/device
+    mixing: NumPy arrays (0-d included) in ufuncs, indexing and assignment."""
+    fake = make_fake_cupy()
+    d = fake.asarray(np.arange(4.0))
+    for f in (lambda: d + np.ones(4), lambda: d < np.asarray(2.0), lambda: fake.where(
+            np.ones(4, bool), d, 0.0), lambda: d[np.array([0, 1])],
+            lambda: d.__setitem__(slice(None), np.zeros(4))):
+        with pytest.raises(TypeError, match="Unsupported type"):
+            f()
+    # NumPy scalars pass, as in CuPy
+    np.testing.assert_array_equal((d + np.float64(1.0)).get(), np.arange(4.0) + 1)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_lm_head_host_round_trips(monkeypatch, rng, reduction, weighted):
+    """The LM head validates ids and class weights once per call (one host read; none
+    when deferred), however many chunks it runs."""
+    fake = make_fake_cupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(A, "_CUDA", A._CudaKernels(FakeCuda()))
+    (h, w, b, t), _ = make_head_problem(rng, lead=(4, 7), dtype=F32)
+    dh, dw, db, dt = (_fake_asarray(a) for a in (h, w, b, t))
+    cw = _fake_asarray(rng.uniform(0.5, 2.0, w.shape[0])) if weighted else None
+    go = _fake_asarray(rng.normal(size=t.shape)) if reduction == "none" else 0.5
+
+    def reads(f):
+        FakeArray.reads = 0
+        f()
+        return FakeArray.reads
+
+    calls = [lambda: lx.linear_cross_entropy(dh, dw, dt, bias=db, class_weight=cw,
+                                             reduction=reduction, grad_output=go, chunk_size=3),
+             lambda: lx.linear_cross_entropy(dh, dw, dt, class_weight=cw, reduction=reduction,
+                                             chunk_size=5, return_grads=False)]
+    if not weighted and reduction == "none":
+        calls.append(lambda: lx.linear_target_logprobs(dh, dw, dt, bias=db, chunk_size=4))
+    for f in calls:
+        assert reads(f) == 1
+    previous = A.set_cuda_validation("deferred")
+    try:
+        for f in calls:
+            assert reads(f) == 0
+    finally:
+        A.set_cuda_validation(previous)
 
 
 # ----------------------------------------------------- without the backend

@@ -162,8 +162,8 @@ def test_chunk_sizes(rng, chunk):
 def test_memory_budget_in_bytes_of_logits(rng, rows):
     (h, w, b, t), f64 = make_problem(rng)
     check_head(h, w, b, t, f64, memory_budget=rows * V * 4 + 3, torch_check=False)
-    assert _Head(h, w, t, b, -100, None, rows * V * 4 + 3).rows == rows
-    assert _Head(h.astype(F64), w.astype(F64), t, None, -100, None, rows * V * 8).rows == rows
+    assert _Head(h, w, t, b, memory_budget=rows * V * 4 + 3).rows == rows
+    assert _Head(h.astype(F64), w.astype(F64), t, memory_budget=rows * V * 8).rows == rows
 
 
 def test_chunking_does_not_change_the_result_beyond_rounding(rng):
@@ -178,8 +178,7 @@ def test_chunking_does_not_change_the_result_beyond_rounding(rng):
 def test_default_chunk_is_hidden_sized_with_a_row_floor(rng):
     def rows(n, d, v, dtype=F32):
         h = np.zeros((n, d), dtype)
-        return _Head(h, np.zeros((v, d), dtype), np.zeros(n, np.int64), None, -100, None,
-                     None).rows
+        return _Head(h, np.zeros((v, d), dtype), np.zeros(n, np.int64)).rows
     assert rows(10, 4, 8) == 10                        # fewer tokens than the floor: one chunk
     assert rows(4096, 512, 128256) == MIN_CHUNK_ROWS   # hidden-sized would be 16 rows
     assert rows(8192, 2048, 32000) == 8192 * 2048 // 32000   # 524 rows = hidden's bytes
@@ -466,8 +465,7 @@ def test_option_errors_shared(fn, kw, exc, text):
     (dict(reduction="sum", normalizer=4.0), ValueError,
      "normalizer is only allowed with reduction='mean'"),
     (dict(normalizer=0.0), ValueError, "normalizer must be a finite positive number"),
-    (dict(class_weight=np.ones(4)), ValueError, "class_weight: expected shape (5,) (one "
-     "weight per class), got (4,)"),
+    (dict(class_weight=np.ones(4)), ValueError, "class_weight: expected shape (5,), got (4,)"),
     (dict(class_weight=np.array([1, 1, np.inf, 1, 1])), ValueError,
      "class_weight: contains a non-finite value"),
     (dict(class_weight=np.ones(5, bool)), TypeError, "class_weight: unsupported dtype bool"),

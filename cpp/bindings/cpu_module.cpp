@@ -11,6 +11,7 @@
 
 #include "../cpu/kernels.h"
 #include "../cpu/output_pool.h"
+#include "bf16_dtype.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -18,20 +19,9 @@
 namespace py = pybind11;
 using lmxent::DType;
 using lmxent::View2D;
+using lmxent::bindings::bf16_dtype;
 
 namespace {
-
-py::object& bf16_dtype() {
-  static py::object dt = [] {
-    try {
-      return py::object(py::module_::import("numpy").attr("dtype")(
-          py::module_::import("ml_dtypes").attr("bfloat16")));
-    } catch (py::error_already_set&) {
-      return py::object(py::none());
-    }
-  }();
-  return dt;
-}
 
 [[noreturn]] void fail(const std::string& name, const std::string& what) {
   throw py::value_error(name + ": " + what);

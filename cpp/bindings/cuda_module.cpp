@@ -20,10 +20,12 @@
 #include <vector>
 
 #include "../../cuda/kernels.h"
+#include "bf16_dtype.h"
 
 namespace py = pybind11;
 using lmxent::DType;
 using lmxent::View2D;
+using lmxent::bindings::bf16_dtype;
 
 namespace {
 
@@ -33,6 +35,10 @@ namespace {
 
 void check(int err, const std::string& what) {
   if (err == (int)cudaSuccess) return;
+  // A failed runtime call also leaves its error as the thread's "last error":
+  // cleared here, or the next valid launch (which returns cudaGetLastError())
+  // would report it. A sticky error (a kernel fault) stays: the context is lost.
+  cudaGetLastError();
   const cudaError_t e = (cudaError_t)err;
   std::string msg = "lmxent._cuda: " + what + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")";
   if (e == cudaErrorInsufficientDriver)
@@ -45,27 +51,36 @@ void check(int err, const std::string& what) {
   throw std::runtime_error(msg);
 }
 
-py::object& bf16_dtype() {
-  static py::object dt = [] {
-    try {
-      return py::object(py::module_::import("numpy").attr("dtype")(
-          py::module_::import("ml_dtypes").attr("bfloat16")));
-    } catch (py::error_already_set&) {
-      return py::object(py::none());
-    }
-  }();
-  return dt;
-}
-
 size_t itemsize(DType d) { return d == DType::F64 ? 8 : d == DType::F32 ? 4 : 2; }
 DType compute_of(DType d) { return d == DType::F64 ? DType::F64 : DType::F32; }
 
+// Makes `device` current on this thread and restores the thread's previous
+// device when it goes out of scope, also when the call fails: the runtime's
+// current device is the driver's current context, which CuPy shares.
+class DeviceGuard {
+ public:
+  void enter(int device) {
+    check(cudaGetDevice(&previous_), "cudaGetDevice");
+    entered_ = device;
+    if (device != previous_) check(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    if (previous_ >= 0 && entered_ != previous_ && cudaSetDevice(previous_) != cudaSuccess)
+      cudaGetLastError();  // a destructor cannot report it; clear it for the next call
+  }
+
+ private:
+  int previous_ = -1, entered_ = -1;
+};
+
 // The device and stream of one call, from its first array; later arrays must
-// be on the same device. The device is made current on this thread (it is
-// CuPy's current device whenever the call is valid: the outputs come from it).
+// be on the same device. The device is current on this thread for the call
+// (it is CuPy's current device whenever the call is valid: the outputs come
+// from it), and the previous one again afterwards.
 struct Call {
   int device = -1;
   void* stream = nullptr;
+  DeviceGuard guard;
 };
 
 int sm_count(int device) {
@@ -165,7 +180,7 @@ Iface iface(py::handle a, const std::string& name, size_t item, Call& c) {
       check(cudaPointerGetAttributes(&at, (const void*)f.ptr), name + ": cudaPointerGetAttributes");
       c.device = at.device;
     }
-    check(cudaSetDevice(c.device), "cudaSetDevice");
+    c.guard.enter(c.device);
     c.stream = stream;
   } else {
     order_after(stream, c);
@@ -244,6 +259,7 @@ void run(const A& args, const Call& c, size_t (*scratch_fn)(const A&, int), F la
   l.sm_count = sm_count(c.device);
   py::object mem = scratch(scratch_fn ? scratch_fn(args, l.sm_count) : 0, c);
   if (!mem.is_none()) l.scratch = (void*)py::cast<uintptr_t>(mem.attr("ptr"));
+  cudaGetLastError();  // an earlier failed runtime call must not be reported as ours
   int err;
   {
     py::gil_scoped_release nogil;
@@ -351,7 +367,9 @@ void kl_divergence(py::handle student, py::handle teacher, py::handle row_mask, 
 // cross-entropy and token_stats since the last call, read after the work
 // queued on `stream`; clears the records.
 py::tuple take_status(int device, uintptr_t stream) {
-  check(cudaSetDevice(device), "cudaSetDevice");
+  DeviceGuard guard;
+  guard.enter(device);
+  cudaGetLastError();
   unsigned long long count = 0, first = 0, count2 = 0, first2 = 0;
   int err;
   {

@@ -29,16 +29,11 @@ def _mean(total, denom, xp):
     return 0.0 if xp is np else xp.zeros((), np.float64)
 
 
-class _Problem:
-    """Validated arguments of one call, ready for the kernel."""
+class Options:
+    """The validated scalar options of one cross-entropy call (also the LM head's)."""
 
-    def __init__(self, logits, targets, weight, ignore_index, reduction, label_smoothing,
-                 z_loss, softcap, logit_scale, normalizer, inplace=False):
-        x = A.as_float_array(logits, "logits", inplace=inplace)
-        self.xp = xp = A.array_module(x)
-        self.x, (self.x2, self.lead) = x, A.rows(x, "logits", need_view=inplace)
-        n, V = self.x2.shape
-        self.ct = ct = A.compute_dtype(x.dtype)
+    def __init__(self, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale,
+                 normalizer):
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         self.reduction = reduction
@@ -49,108 +44,157 @@ class _Problem:
         self.ignore_index = A.ignore_index(ignore_index)
         if normalizer is not None and reduction != "mean":
             raise ValueError("normalizer is only allowed with reduction='mean'")
-        normalizer = A.positive(normalizer, "normalizer", allow_none=True)
-        # Value checks: at once on NumPy; on CuPy collected as device booleans and
-        # read together (one host round trip), or skipped when deferred.
-        eager, pending = A.cuda_eager(xp), []
+        self.normalizer = A.positive(normalizer, "normalizer", allow_none=True)
 
-        def check(failed, error):
-            if xp is np:
-                if failed:
+    def kernel(self, x2, tids, probs, w, **outputs):
+        """Runs the cross-entropy kernel of x2's library on validated arrays."""
+        o = outputs
+        A.kernels(x2).cross_entropy(
+            x2, tids, probs, w, self.ignore_index, self.scale, self.softcap or 0.0, self.eps,
+            self.z_loss, o.get("loss"), o.get("lse"), o.get("lse_given", False), o.get("grad"),
+            o.get("grad_scale", 1.0), o.get("grad_rows"))
+
+
+class Checks:
+    """Value checks of one call: raised at once on NumPy; on CuPy collected as
+    device booleans and read together by done() (one host round trip), or skipped
+    when validation is deferred (then `eager` is False and nothing is collected)."""
+
+    def __init__(self, xp):
+        self.xp, self.eager, self._pending = xp, A.cuda_eager(xp), []
+
+    def __call__(self, failed, error):
+        if self.xp is np:
+            if failed:
+                raise error()
+        elif self.eager:
+            self._pending.append((failed, error))
+
+    def done(self):
+        if self._pending:
+            failed = self.xp.stack([f for f, _ in self._pending]).get()
+            for bad_value, (_, error) in zip(failed, self._pending):
+                if bad_value:
                     raise error()
-            else:
-                pending.append((failed, error))
 
-        self.w = None
-        if weight is not None:
-            w = A.real_array(weight, "weight", xp)
-            if w.shape != (V,):
-                raise ValueError(f"weight: expected shape ({V},), got {w.shape}")
-            self.w = A.require(w, ct)
-            if eager:
-                check(~xp.isfinite(self.w).all(),
-                      lambda: ValueError("weight: contains a non-finite value"))
 
+def checked_weight(weight, V, ct, xp, checks, name="weight"):
+    """Class weights (V,) in the compute dtype ct, or None; non-finite ones refused."""
+    if weight is None:
+        return None
+    w = A.real_array(weight, name, xp)
+    if w.shape != (V,):
+        raise ValueError(f"{name}: expected shape ({V},), got {w.shape}")
+    w = A.require(w, ct)
+    if checks.eager:
+        checks(~xp.isfinite(w).all(), lambda: ValueError(f"{name}: contains a non-finite value"))
+    return w
+
+
+def checked_ids(t, lead, V, w, opts, xp, checks):
+    """(flat int64 ids, mask of the non-ignored, the "mean" denominator) of integer
+    class ids shaped `lead`. The denominator is a float, or a device scalar when it
+    is counted on the device (no round trip)."""
+    if t.shape != tuple(lead):
+        raise ValueError(f"targets: class ids must have shape {tuple(lead)} (the logits' "
+                         f"shape without the vocabulary axis), got {t.shape}")
+    flat = t.reshape(-1)
+    ids, valid = A.int64_ids(flat, V, opts.ignore_index, xp)
+    if checks.eager:
+        checks(*A.bad_ids(flat, ids, valid, V, tuple(lead), opts.ignore_index, xp=xp))
+    tids = A.require(ids, np.int64)
+    if opts.normalizer is not None or opts.reduction != "mean":
+        denom = opts.normalizer or 0.0  # only a "mean" divides
+    elif xp is np:
+        denom = (int(np.count_nonzero(valid)) if w is None
+                 else float(w[tids[valid]].sum(dtype=np.float64)))
+    elif w is None:  # counted on the device
+        denom = xp.count_nonzero(valid).astype(np.float64)
+    else:
+        denom = xp.where(valid, w[xp.clip(tids, 0, V - 1)], 0).sum(dtype=np.float64)
+    return tids, valid, denom if A._is_cupy(denom) else float(denom)
+
+
+def grad_factor(grad_output, reduction, denom, lead, ct, xp):
+    """(grad_scale, grad_rows) for the kernel from the caller's grad_output: a scalar
+    already divided by the "mean" denominator, or per-row factors (flat, of the
+    compute dtype ct). On CuPy a device grad_output, or a "mean" whose denominator is
+    on the device, becomes per-row factors: no host round trip."""
+    n = int(np.prod(lead, dtype=np.int64))
+    device = xp is not np and A._is_cupy(grad_output)
+    g = A.real_array(grad_output, "grad_output", xp if device else np)
+    if g.ndim == 0:
+        if not device and not (reduction == "mean" and A._is_cupy(denom)):
+            g = float(g)
+            if reduction == "mean":
+                g = _mean(g, denom, xp)
+            return g, None
+        g = g.astype(np.float64) if device else float(g)
+        if reduction == "mean":
+            g = _mean(g, denom, xp)
+        return 1.0, A.require(xp.broadcast_to(xp.asarray(g, dtype=ct), (n,)), ct)
+    if reduction != "none":
+        raise ValueError(f"grad_output must be a scalar for reduction={reduction!r}")
+    g = A.asarray(g, "grad_output", xp)
+    try:
+        g = xp.broadcast_to(g, tuple(lead))
+    except ValueError:
+        raise ValueError(f"grad_output: shape {g.shape} does not broadcast to the "
+                         f"per-token loss shape {tuple(lead)}") from None
+    return 1.0, A.require(g.reshape(-1), ct)
+
+
+def reduce_loss(loss_rows, reduction, denom, lead, ct, xp):
+    """The loss of per-row losses: "none" reshaped to `lead`, else their float64
+    sum (divided by the denominator for "mean", 0 when it is 0) as a 0-d array."""
+    if reduction == "none":
+        return loss_rows.reshape(lead)
+    total = loss_rows.sum(dtype=np.float64)
+    if reduction == "mean":
+        total = _mean(total, denom, xp)
+    return xp.asarray(total, dtype=ct)
+
+
+class _Problem:
+    """Validated arguments of one call, ready for the kernel."""
+
+    def __init__(self, logits, targets, weight, ignore_index, reduction, label_smoothing,
+                 z_loss, softcap, logit_scale, normalizer, inplace=False):
+        x = A.as_float_array(logits, "logits", inplace=inplace)
+        self.xp = xp = A.array_module(x)
+        self.x, (self.x2, self.lead) = x, A.rows(x, "logits", need_view=inplace)
+        n, V = self.x2.shape
+        self.ct = ct = A.compute_dtype(x.dtype)
+        self.opts = o = Options(ignore_index, reduction, label_smoothing, z_loss, softcap,
+                                logit_scale, normalizer)
+        checks = Checks(xp)
+        self.w = checked_weight(weight, V, ct, xp, checks)
         t = A.asarray(targets, "targets", xp)
         self.tids = self.probs = None
         if t.dtype.kind in "iu":
-            if t.shape != self.lead:
-                raise ValueError(f"targets: class ids must have shape {self.lead} (the logits' "
-                                 f"shape without the vocabulary axis), got {t.shape}")
-            flat = t.reshape(-1)
-            ids, valid = A.int64_ids(flat, V, self.ignore_index, xp)
-            if eager:
-                check(*A.bad_ids(flat, ids, valid, V, self.lead, self.ignore_index, xp=xp))
-            self.tids = tids = A.require(ids, np.int64)
-            if normalizer is not None or reduction != "mean":
-                denom = normalizer or 0.0  # only a "mean" divides
-            elif xp is np:
-                denom = (int(np.count_nonzero(valid)) if self.w is None
-                         else float(self.w[tids[valid]].sum(dtype=np.float64)))
-            elif self.w is None:  # counted on the device
-                denom = xp.count_nonzero(valid).astype(np.float64)
-            else:
-                denom = xp.where(valid, self.w[xp.clip(tids, 0, V - 1)], 0).sum(dtype=np.float64)
+            self.tids, _, self.denom = checked_ids(t, self.lead, V, self.w, o, xp, checks)
         elif t.dtype.kind == "f" or t.dtype == A.bfloat16_dtype():
             if t.shape != x.shape:
                 raise ValueError(f"targets: probability targets must have the logits' shape "
                                  f"{x.shape}, got {t.shape}")
-            if self.ignore_index >= 0:
+            if o.ignore_index >= 0:
                 raise ValueError("ignore_index is not supported for probability targets")
             self.probs = A.require(t.reshape(n, V), ct)
-            denom = normalizer if normalizer is not None else n
+            self.denom = float(o.normalizer if o.normalizer is not None else n)
         else:
             raise TypeError(f"targets: expected integer class ids or float probabilities, "
                             f"got dtype {t.dtype}")
-        self.denom = denom if A._is_cupy(denom) else float(denom)
-        if pending:
-            failed = xp.stack([f for f, _ in pending]).get()
-            for bad_value, (_, error) in zip(failed, pending):
-                if bad_value:
-                    raise error()
+        checks.done()
 
-    def run(self, *, loss=None, lse=None, lse_given=False, grad=None, grad_scale=1.0,
-            grad_rows=None):
-        A.kernels(self.x).cross_entropy(
-            self.x2, self.tids, self.probs, self.w, self.ignore_index, self.scale,
-            self.softcap or 0.0, self.eps, self.z_loss, loss, lse, lse_given, grad,
-            grad_scale, grad_rows)
+    def run(self, **outputs):
+        self.opts.kernel(self.x2, self.tids, self.probs, self.w, **outputs)
 
     def reduce(self, loss_rows):
-        if self.reduction == "none":
-            return loss_rows.reshape(self.lead)
-        total = loss_rows.sum(dtype=np.float64)
-        if self.reduction == "mean":
-            total = _mean(total, self.denom, self.xp)
-        return self.xp.asarray(total, dtype=self.ct)
+        return reduce_loss(loss_rows, self.opts.reduction, self.denom, self.lead, self.ct, self.xp)
 
     def grad_factor(self, grad_output):
-        """(grad_scale, grad_rows) for the kernel from the caller's grad_output. On
-        CuPy a device grad_output, or a "mean" whose denominator is on the device,
-        becomes per-row factors: no host round trip."""
-        xp = self.xp
-        device = xp is not np and A._is_cupy(grad_output)
-        g = A.real_array(grad_output, "grad_output", xp if device else np)
-        if g.ndim == 0:
-            if not device and not (self.reduction == "mean" and A._is_cupy(self.denom)):
-                g = float(g)
-                if self.reduction == "mean":
-                    g = _mean(g, self.denom, xp)
-                return g, None
-            g = g.astype(np.float64) if device else float(g)
-            if self.reduction == "mean":
-                g = _mean(g, self.denom, xp)
-            return 1.0, A.require(xp.broadcast_to(xp.asarray(g, dtype=self.ct),
-                                                  (self.x2.shape[0],)), self.ct)
-        if self.reduction != "none":
-            raise ValueError(f"grad_output must be a scalar for reduction={self.reduction!r}")
-        g = A.asarray(g, "grad_output", xp)
-        try:
-            g = xp.broadcast_to(g, self.lead)
-        except ValueError:
-            raise ValueError(f"grad_output: shape {g.shape} does not broadcast to the "
-                             f"per-token loss shape {self.lead}") from None
-        return 1.0, A.require(g.reshape(-1), self.ct)
+        return grad_factor(grad_output, self.opts.reduction, self.denom, self.lead, self.ct,
+                           self.xp)
 
     def new_grad(self, inplace, out):
         """(rows the kernel writes the gradient to, the array returned, and a buffer

@@ -35,9 +35,10 @@ int64, and per-bin mean accuracy and mean confidence (n_bins,) float64, NaN for 
 
 
 
-def _asarray(x):
-    """x unchanged if it is a NumPy or CuPy array, else np.asarray(x)."""
-    return x if isinstance(x, np.ndarray) or A._is_cupy(x) else np.asarray(x)
+def _module(*values):
+    """The array module of a call: CuPy if any argument is a CuPy array (the others,
+    host arrays, lists and numbers, are then copied to the device), else NumPy."""
+    return next((A.array_module(v) for v in values if A._is_cupy(v)), np)
 
 
 def _position(flat_index, shape):
@@ -54,16 +55,16 @@ def _first_bad(bad, values, name, problem):
                          f"{problem}")
 
 
-def _integers(x, name):
-    x = _asarray(x)
+def _integers(x, name, xp):
+    x = A.asarray(x, name, xp)
     if x.dtype.kind not in "iu":
         raise TypeError(f"{name}: expected integers, got dtype {x.dtype}")
     return x
 
 
-def _flags(x, name, shape):
+def _flags(x, name, shape, xp):
     """A boolean array of `shape` from bool, or from integers / floats that are all 0 or 1."""
-    x = _asarray(x)
+    x = A.asarray(x, name, xp)
     if x.shape != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {x.shape}")
     if x.dtype.kind == "b":
@@ -74,9 +75,9 @@ def _flags(x, name, shape):
     return x != 0
 
 
-def _reals(x, name):
+def _reals(x, name, xp):
     """A float64 array of real numbers (bool, complex, object and str are refused)."""
-    x = _asarray(x)
+    x = A.asarray(x, name, xp)
     if x.dtype.kind not in "fiu" and x.dtype != A.bfloat16_dtype():
         raise TypeError(f"{name}: expected real numbers, got dtype {x.dtype}")
     return x.astype(np.float64, copy=False)
@@ -106,36 +107,35 @@ def sequence_scores(logits, tokens, *, shift=True, mask=None, ignore_index=-100)
     V = x.shape[-1]
     if V == 0:
         raise ValueError("logits: the vocabulary axis is empty (V = 0)")
-    tokens = _integers(tokens, "tokens")
+    xp = A.array_module(x)
+    tokens = _integers(tokens, "tokens", xp)
     if tokens.shape != x.shape[:-1]:
         raise ValueError(f"tokens: expected shape {x.shape[:-1]} (the logits' shape without "
                          f"the vocabulary axis), got {tokens.shape}")
     ignore_index = A.ignore_index(ignore_index)
-    xp = A.array_module(x)
 
-    keep = tokens != ignore_index
+    # The core's id rule: uint64 ids >= 2**63 are out of range, never ignore_index.
+    ids, keep = A.int64_ids(tokens, V, ignore_index, xp)
     if mask is not None:
-        keep &= _flags(mask, "mask", tokens.shape)
+        keep &= _flags(mask, "mask", tokens.shape, xp)
     if shift:
         keep[..., :1] = False  # the first token has no prediction
-    # Checked in the ids' own dtype (an int64 cast would wrap uint64 ids >= 2**63).
-    _first_bad(keep & ((tokens < 0) | (tokens >= V)), tokens, "tokens",
+    _first_bad(keep & ((ids < 0) | (ids >= V)), tokens, "tokens",
                f"is out of range [0, {V}) and is not ignore_index ({ignore_index})")
 
     # Targets aligned with the logits' positions, so the kernel reads the logits in
     # place (logits[..., :-1, :] would be copied): with shift, position t scores token
     # t + 1 and the last position scores nothing.
-    # (non-targets may wrap in the int64 cast: they are replaced by ignore_index)
-    ids = xp.where(keep, tokens.astype(xp.int64), ignore_index)
+    ids = xp.where(keep, ids, ignore_index)
     if shift:
-        targets = xp.full(tokens.shape, ignore_index, dtype=xp.int64)
+        targets = xp.full(tokens.shape, ignore_index, dtype=np.int64)
         targets[..., :-1] = ids[..., 1:]
     else:
         targets = ids
     nll = cross_entropy(x, targets, ignore_index=ignore_index, reduction="none")
     # 0.0 - sum, not -sum: no -0.0 when empty; asarray: NumPy would give a scalar for 0-d
-    logprob_sum = xp.asarray(0.0 - nll.sum(axis=-1, dtype=xp.float64))
-    n_tokens = xp.asarray(keep.sum(axis=-1, dtype=xp.int64))
+    logprob_sum = xp.asarray(0.0 - nll.sum(axis=-1, dtype=np.float64))
+    n_tokens = xp.asarray(keep.sum(axis=-1, dtype=np.int64))
     return SequenceScores(logprob_sum, n_tokens, xp.asarray(_mean(logprob_sum, n_tokens, xp)))
 
 
@@ -146,19 +146,19 @@ def answer_mask(prompt_lengths, lengths, T):
 
     With sequence_scores(..., shift=True) position 0 is never scored, so a prompt of
     length 0 scores from token 1."""
-    p = _integers(prompt_lengths, "prompt_lengths")
-    n = _integers(lengths, "lengths")
+    xp = _module(prompt_lengths, lengths)
+    p = _integers(prompt_lengths, "prompt_lengths", xp)
+    n = _integers(lengths, "lengths", xp)
     if p.shape != n.shape:
         raise ValueError(f"prompt_lengths and lengths must have the same shape, got "
                          f"{p.shape} and {n.shape}")
     T = A.integer(T, "T")
-    if T < 0:
-        raise ValueError(f"T must be >= 0, got {T}")
+    if not 0 <= T < 2**63:
+        raise ValueError(f"T must be >= 0 and fit in int64, got {T}")
     _first_bad(p < 0, p, "prompt_lengths", "is negative")
     _first_bad(n < 0, n, "lengths", "is negative")
     _first_bad(n > T, n, "lengths", f"exceeds T = {T} (T is too small)")
     _first_bad(p > n, p, "prompt_lengths", "exceeds the sequence's length")
-    xp = A.array_module(n)
     pos = xp.arange(T)
     return (p[..., None] <= pos) & (pos < n[..., None])
 
@@ -174,9 +174,9 @@ def _mean(total, count, xp):
 def _per_count(nll_sum, count, count_name):
     """(nll_sum / count as a float64 array, 0.0 where count is 0; whether both
     arguments were numbers rather than arrays)."""
-    scalar = not any(isinstance(v, np.ndarray) or A._is_cupy(v) for v in (nll_sum, count))
-    total, count = _reals(nll_sum, "nll_sum"), _reals(count, count_name)
-    xp = A.array_module(total)
+    scalar = all(isinstance(v, (int, float, np.generic)) for v in (nll_sum, count))
+    xp = _module(nll_sum, count)
+    total, count = _reals(nll_sum, "nll_sum", xp), _reals(count, count_name, xp)
     try:
         np.broadcast_shapes(total.shape, count.shape)
     except ValueError:
@@ -230,12 +230,12 @@ def calibration(confidence, correct, *, n_bins=15):
     and confidence are NaN for empty bins. No samples: ece = mce = 0.0, all counts 0.
 
     Returns Calibration(ece, mce, bin_edges, counts, accuracy, confidence)."""
-    conf = _reals(confidence, "confidence")
-    ok = _flags(correct, "correct", conf.shape)
+    xp = _module(confidence, correct)
+    conf = _reals(confidence, "confidence", xp)
+    ok = _flags(correct, "correct", conf.shape, xp)
     n_bins = A.integer(n_bins, "n_bins")
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
-    xp = A.array_module(conf)
     _first_bad(~((conf >= 0) & (conf <= 1)), conf, "confidence",
                "is not a number in [0, 1]")  # NaN fails both comparisons
 
@@ -244,13 +244,13 @@ def calibration(confidence, correct, *, n_bins=15):
     # searchsorted 'left' finds i with edges[i] < c <= edges[i + 1], i.e. (lo, hi];
     # c = 0 gives -1 and joins the first bin.
     idx = xp.clip(xp.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
-    counts = xp.bincount(idx, minlength=n_bins).astype(xp.int64)
+    counts = xp.bincount(idx, minlength=n_bins).astype(np.int64)
     sum_conf = xp.bincount(idx, weights=conf, minlength=n_bins)
-    sum_ok = xp.bincount(idx, weights=ok.astype(xp.float64), minlength=n_bins)
+    sum_ok = xp.bincount(idx, weights=ok.astype(np.float64), minlength=n_bins)
     nonempty = counts > 0
     acc, mean_conf = _mean(sum_ok, counts, xp), _mean(sum_conf, counts, xp)
     # In each bin (count / N) * |acc - conf| = |sum_ok - sum_conf| / N; empty bins add 0.
     ece = xp.abs(sum_ok - sum_conf).sum() / max(conf.size, 1)
     mce = xp.abs(acc - mean_conf).max()  # 0 for empty bins, so they never win
     return Calibration(xp.asarray(ece), xp.asarray(mce), edges, counts,
-                       xp.where(nonempty, acc, xp.nan), xp.where(nonempty, mean_conf, xp.nan))
+                       xp.where(nonempty, acc, np.nan), xp.where(nonempty, mean_conf, np.nan))

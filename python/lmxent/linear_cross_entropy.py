@@ -31,9 +31,8 @@ before the first chunk.
 import numpy as np
 
 from . import _arrays as A
-from .cross_entropy import cross_entropy, cross_entropy_with_grad
-
-_REDUCTIONS = ("none", "mean", "sum")
+from .cross_entropy import (Checks, Options, checked_ids, checked_weight, grad_factor,
+                            reduce_loss)
 
 # Default chunk: a logits buffer no larger than the hidden states, but at least
 # this many rows. Every chunk's two products with the weight read (and BLAS
@@ -58,8 +57,9 @@ class _Head:
     """Validated arrays and sizes of one call: hidden as (N, D) rows, the weight
     (and bias) in the compute dtype, flat targets, and the chunk row count."""
 
-    def __init__(self, hidden, weight, targets, bias, ignore_index, chunk_size,
-                 memory_budget):
+    def __init__(self, hidden, weight, targets, bias=None, *, opts=None, class_weight=None,
+                 chunk_size=None, memory_budget=None):
+        opts = opts or Options(-100, "mean", 0.0, 0.0, None, 1.0, None)
         h = A.as_float_array(hidden, "hidden")
         if h.ndim < 1:
             raise ValueError("hidden: expected shape (..., D), got a scalar")
@@ -89,8 +89,7 @@ class _Head:
             self._same_dtype(b, "bias")
             self.b = b.astype(self.ct, copy=False)
 
-        self.ignore_index = A.ignore_index(ignore_index)
-        t = targets if isinstance(targets, xp.ndarray) else xp.asarray(targets)
+        t = A.asarray(targets, "targets", xp)
         if t.dtype.kind not in "iu":
             raise TypeError(f"targets: expected integer class ids, got dtype {t.dtype} "
                             "(probability targets would be as large as the logits: use "
@@ -98,7 +97,12 @@ class _Head:
         if t.shape != self.lead:
             raise ValueError(f"targets: expected shape {self.lead} (hidden's shape without "
                              f"the feature axis), got {t.shape}")
-        self.t, self.valid = A.class_ids(t, self.lead, V, self.ignore_index, xp=xp)
+        # Class ids and weights are validated once here (one host round trip on CuPy,
+        # none when deferred); the chunks call the kernel directly.
+        self.opts, checks = opts, Checks(xp)
+        self.cw = checked_weight(class_weight, V, self.ct, xp, checks, "class_weight")
+        self.t, _, self.denom = checked_ids(t, self.lead, V, self.cw, opts, xp, checks)
+        checks.done()
 
         self.rows = self._chunk_rows(chunk_size, memory_budget, h.nbytes)
         self.hidden = h
@@ -134,6 +138,10 @@ class _Head:
             rows = max(hidden_nbytes // row_bytes, MIN_CHUNK_ROWS)
         return min(rows, self.N)
 
+    def kernel(self, z, sl, **outputs):
+        """The fused cross-entropy kernel on z, the logits of the token rows `sl`."""
+        self.opts.kernel(z, self.t[sl], None, self.cw, **outputs)
+
     def chunks(self):
         """Yield (rows slice, hidden rows in the compute dtype, their logits) chunk by
         chunk. The logits are a view of one buffer that the next chunk overwrites: a
@@ -149,59 +157,6 @@ class _Head:
             if self.b is not None:
                 xp.add(z, self.b, out=z)
             yield sl, h, z
-
-
-def _loss_options(head, class_weight, reduction, label_smoothing, z_loss, softcap,
-                  logit_scale, normalizer):
-    """Validated cross-entropy options for the per-chunk kernel calls, and the
-    global "mean" denominator."""
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if normalizer is not None and reduction != "mean":
-        raise ValueError("normalizer is only allowed with reduction='mean'")
-    normalizer = A.positive(normalizer, "normalizer", allow_none=True)
-    cw = None
-    if class_weight is not None:
-        cw = A.real_array(class_weight, "class_weight", head.xp)
-        if cw.shape != (head.V,):
-            raise ValueError(f"class_weight: expected shape ({head.V},) (one weight per "
-                             f"class), got {cw.shape}")
-        cw = head.xp.ascontiguousarray(cw, dtype=head.ct)
-        if not bool(head.xp.isfinite(cw).all()):
-            raise ValueError("class_weight: contains a non-finite value")
-    opts = dict(weight=cw, ignore_index=head.ignore_index,
-                label_smoothing=A.finite(label_smoothing, "label_smoothing", 0.0, 1.0),
-                z_loss=A.finite(z_loss, "z_loss", 0.0),
-                softcap=A.positive(softcap, "softcap", allow_none=True),
-                logit_scale=A.positive(logit_scale, "logit_scale"))
-    if normalizer is not None:
-        denom = normalizer
-    elif cw is None:
-        denom = int(head.valid.sum())
-    else:  # the same sum as lx.cross_entropy's: float32 weights added in float64
-        denom = float(cw[head.t[head.valid]].sum(dtype=np.float64))
-    return opts, denom
-
-
-def _grad_factor(head, reduction, denom, grad_output):
-    """grad_output as the kernel's per-chunk factor: a scalar already divided by the
-    "mean" denominator, or per-token values (N,) for reduction='none'."""
-    xp = head.xp
-    g = A.real_array(grad_output, "grad_output", xp if A._is_cupy(grad_output) else np)
-    if g.ndim == 0:
-        g = float(g)  # a device scalar: one host read
-        if reduction == "mean":
-            g = g / denom if denom != 0 else 0.0  # a mean over nothing: zero gradient
-        return g
-    if reduction != "none":
-        raise ValueError(f"grad_output must be a scalar for reduction={reduction!r}")
-    g = A.asarray(g, "grad_output", xp)  # host values go to the device
-    try:
-        g = xp.broadcast_to(g, head.lead)
-    except ValueError:
-        raise ValueError(f"grad_output: shape {g.shape} does not broadcast to the per-token "
-                         f"loss shape {head.lead}") from None
-    return xp.ascontiguousarray(g.reshape(-1), dtype=head.ct)
 
 
 class _Grads:
@@ -275,33 +230,23 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, class_weight=Non
     logits buffer (V x 4 bytes per row; x 8 for float64). By default the buffer is
     no larger than the hidden states, but at least MIN_CHUNK_ROWS rows (thinner
     chunks leave the matrix products bound by reading the weight)."""
-    head = _Head(hidden, weight, targets, bias, ignore_index, chunk_size, memory_budget)
-    opts, denom = _loss_options(head, class_weight, reduction, label_smoothing, z_loss,
-                                softcap, logit_scale, normalizer)
-    factor = _grad_factor(head, reduction, denom, grad_output)
+    opts = Options(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale,
+                      normalizer)
+    head = _Head(hidden, weight, targets, bias, opts=opts, class_weight=class_weight,
+                 chunk_size=chunk_size, memory_budget=memory_budget)
     xp = head.xp
-    loss_rows = xp.empty(head.N, head.ct) if reduction == "none" else None
-    total = 0.0
+    scale, factor_rows = grad_factor(grad_output, reduction, head.denom, head.lead,
+                                        head.ct, xp)
+    loss_rows = xp.empty(head.N, head.ct)
     grads = _Grads(head) if return_grads else None
     for sl, h, z in head.chunks():
-        t = head.t[sl]
         if grads is None:
-            rows = cross_entropy(z, t, reduction="none", **opts)
+            head.kernel(z, sl, loss=loss_rows[sl])
         else:  # the logits become their gradient, scaled by the factor
-            go = factor if isinstance(factor, float) else factor[sl]
-            rows, g = cross_entropy_with_grad(z, t, reduction="none", grad_output=go,
-                                              inplace=True, **opts)
-            grads.add(sl, h, g)
-        if loss_rows is not None:
-            loss_rows[sl] = rows
-        else:
-            total = total + rows.sum(dtype=np.float64)
-    if reduction == "none":
-        loss = loss_rows.reshape(head.lead)
-    else:
-        if reduction == "mean":
-            total = total / denom if denom != 0 else 0.0
-        loss = xp.asarray(total, dtype=head.ct)
+            head.kernel(z, sl, loss=loss_rows[sl], grad=z, grad_scale=scale,
+                        grad_rows=None if factor_rows is None else factor_rows[sl])
+            grads.add(sl, h, z)
+    loss = reduce_loss(loss_rows, reduction, head.denom, head.lead, head.ct, xp)
     return loss if grads is None else (loss, grads.result())
 
 
@@ -316,14 +261,12 @@ def linear_target_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-
     input). Ignored positions (targets == ignore_index) get logprob 0, so that sums
     over a sequence skip them; their lse is still the row's LSE. Arguments and chunks
     as in linear_cross_entropy."""
-    head = _Head(hidden, weight, targets, bias, ignore_index, chunk_size, memory_budget)
-    opts = dict(ignore_index=head.ignore_index,
-                softcap=A.positive(softcap, "softcap", allow_none=True),
-                logit_scale=A.positive(logit_scale, "logit_scale"))
+    opts = Options(ignore_index, "none", 0.0, 0.0, softcap, logit_scale, None)
+    head = _Head(hidden, weight, targets, bias, opts=opts, chunk_size=chunk_size,
+                 memory_budget=memory_budget)
     xp = head.xp
     logprob, lse = xp.empty(head.N, head.ct), xp.empty(head.N, head.ct)
     for sl, _, z in head.chunks():
-        loss, lse[sl] = cross_entropy(z, head.t[sl], reduction="none", return_lse=True,
-                                      **opts)
-        xp.subtract(0.0, loss, out=logprob[sl])  # 0 - 0 = +0.0 for ignored tokens
+        head.kernel(z, sl, loss=logprob[sl], lse=lse[sl])
+    xp.subtract(0.0, logprob, out=logprob)  # 0 - 0 = +0.0 for ignored tokens
     return logprob.reshape(head.lead), lse.reshape(head.lead)
