@@ -455,6 +455,72 @@ def test_grad_out_for_logits_that_need_a_copy(rng):
     assert_grad_close(out, ref.cross_entropy_with_grad(x.astype(np.float64), t)[1], F32)
 
 
+def test_grad_out_sharing_memory_with_other_inputs(rng):
+    """out= (or the logits, with inplace=True) over memory the kernel also reads --
+    probability targets, class weights, the saved LSE, per-token grad_output -- gets
+    the right gradient: it is computed into a buffer first."""
+    n, V = 5, 64
+    x, x64 = make_logits(rng, (n, V), F32)
+    t = make_ids(rng, (n,), V, kind="ignored")
+    # out= the probability targets
+    q = make_probs(rng, (n, V)).astype(F32)
+    want = ref.cross_entropy_with_grad(x64, q.astype(np.float64))[1]
+    _, g = lx.cross_entropy_with_grad(x, q, out=q)
+    assert g is q
+    assert_grad_close(q, want, F32)
+    # out= a buffer whose first row is the class weights
+    buf = np.empty((n + 1) * V, F32)
+    w = buf[:V]
+    w[:] = rng.uniform(0.5, 2.0, V)
+    want = ref.cross_entropy_with_grad(x64, t, weight=w.astype(np.float64))[1]
+    out = buf[: n * V].reshape(n, V)
+    lx.cross_entropy_with_grad(x, t, weight=w, out=out)
+    assert_grad_close(out, want, F32)
+    # backward into a buffer that holds the LSE and the per-token grad_output
+    loss, lse = lx.cross_entropy(x, t, reduction="none", return_lse=True)
+    go = rng.normal(size=n)
+    want = ref.cross_entropy_backward(x64, t, lse.astype(np.float64), go, reduction="none")
+    buf = np.empty(n * V, F32)
+    buf[:n], buf[V:V + n] = lse, go
+    lx.cross_entropy_backward(x, t, buf[:n], buf[V:V + n], reduction="none",
+                              out=buf.reshape(n, V))
+    assert_grad_close(buf.reshape(n, V), want, F32)
+    # in place, the logits being the probability targets too
+    p = make_probs(rng, (n, V)).astype(F32)
+    want = ref.cross_entropy_with_grad(p.astype(np.float64), p.astype(np.float64))[1]
+    _, g = lx.cross_entropy_with_grad(p, p, inplace=True)
+    assert g is p
+    assert_grad_close(p, want, F32)
+
+
+def test_outputs_whose_elements_overlap_are_refused(rng):
+    """A writable view whose elements alias each other (as_strided with a stride of
+    0) cannot receive results: each element would be written from several rows."""
+    n, V = 4, 33
+    x, _ = make_logits(rng, (n, V), F32)
+    t = make_ids(rng, (n,), V)
+    aliased = np.lib.stride_tricks.as_strided(np.zeros(V, F32), (n, V), (0, 4))
+    with pytest.raises(ValueError, match="out: its elements overlap each other"):
+        lx.cross_entropy_with_grad(x, t, out=aliased)
+    lse = lx.cross_entropy(x, t, reduction="none", return_lse=True)[1]
+    with pytest.raises(ValueError, match="out: its elements overlap each other"):
+        lx.cross_entropy_backward(x, t, lse, 1.0, out=aliased)
+    for fn in (lx.softmax, lx.log_softmax):
+        with pytest.raises(ValueError, match="out: its elements overlap each other"):
+            fn(x, out=aliased)
+    same = np.lib.stride_tricks.as_strided(x.copy(), (n, V), (0, 4))
+    with pytest.raises(ValueError, match="logits: its elements overlap each other"):
+        lx.cross_entropy_with_grad(same, t, inplace=True)
+    with pytest.raises(ValueError, match="student_logits: its elements overlap each other"):
+        lx.kl_divergence(same, x, return_grad=True, inplace=True)
+    with pytest.raises(ValueError, match="out: its elements overlap each other"):
+        lx.softmax(same, out=same)  # the same array as input and output
+    # interleaved axes (stride 4 over 8 elements, then stride 8): overlapping too
+    inter = np.lib.stride_tricks.as_strided(np.zeros(64, F32), (4, 8), (8, 4))
+    with pytest.raises(ValueError, match="out: its elements overlap each other"):
+        lx.softmax(np.zeros((4, 8), F32), out=inter)
+
+
 # ----------------------------------------------------------- awkward sizes
 
 SIZES = [(1, 5), (2, 5), (7, 5), (31, 3), (32000, 3), (50257, 3), (128256, 2),

@@ -112,7 +112,8 @@ def test_axis_out_of_range_raises(fn, axis):
 
 
 @pytest.mark.parametrize("fn", SOFTMAX_FNS)
-@pytest.mark.parametrize("axis", [None, (0, 1), 1.0], ids=["None", "tuple", "float"])
+@pytest.mark.parametrize("axis", [None, (0, 1), 1.0, True, np.True_, "1"],
+                         ids=["None", "tuple", "float", "bool", "numpy_bool", "str"])
 def test_axis_not_an_integer_names_axis(fn, axis):
     with pytest.raises(TypeError, match="axis must be an integer"):
         call(fn, logits(), axis=axis)
@@ -626,3 +627,54 @@ def test_binding_rejects_invalid_buffers(case):
     fn, kw, text = BINDING_CASES[case]
     with pytest.raises(ValueError, match=msg(text)):
         fn(**kw)
+
+
+# ---------------------------------------------------------- integers, lists, memory
+
+@pytest.mark.parametrize("kw, name", [(dict(ignore_index=True), "ignore_index"),
+                                      (dict(ignore_index=False), "ignore_index")])
+def test_integer_options_refuse_bools(kw, name):
+    with pytest.raises(TypeError, match=f"{name} must be an integer"):
+        lx.cross_entropy(logits(), ids(), **kw)
+    with pytest.raises(TypeError, match="chunk_size must be an integer"):
+        lx.linear_cross_entropy(np.ones((3, 4), np.float32), np.ones((5, 4), np.float32),
+                                np.zeros(3, np.int64), chunk_size=True)
+    with pytest.raises(TypeError, match="n_bins must be an integer"):
+        lx.calibration([0.5], [True], n_bins=True)
+
+
+def test_integer_options_accept_numpy_integers_and_0d_arrays():
+    x = logits()
+    want = lx.cross_entropy(x, ids(), ignore_index=-100)
+    for v in (np.int64(-100), np.int16(-100), np.array(-100)):
+        np.testing.assert_array_equal(lx.cross_entropy(x, ids(), ignore_index=v), want)
+
+
+def test_inplace_refuses_a_list_it_could_not_write_back():
+    x = logits().tolist()
+    with pytest.raises(TypeError, match="logits: inplace=True needs a NumPy or CuPy array, "
+                                        "got list"):
+        lx.cross_entropy_with_grad(x, ids(), inplace=True)
+    with pytest.raises(TypeError, match="student_logits: inplace=True needs a NumPy or CuPy "
+                                        "array, got list"):
+        lx.kl_divergence(x, logits(), return_grad=True, inplace=True)
+    lx.cross_entropy_with_grad(x, ids())  # without inplace, a list is fine
+
+
+def test_output_allocation_failure_says_the_size():
+    """An output the output cache cannot map raises MemoryError naming its size (a
+    stride-0 view makes 64 TiB of logits from one row)."""
+    if lx.output_cache_info()["limit"] < (4 << 20):
+        pytest.skip("the output cache is off in this process")
+    row = np.zeros(1 << 20, np.float32)
+    x = np.lib.stride_tricks.as_strided(row, (1 << 24, 1 << 20), (0, 4))
+    with pytest.raises(MemoryError, match=r"Unable to allocate 64 TiB \(70368744177664 bytes\)"):
+        lx.cross_entropy_with_grad(x, np.zeros(1 << 24, np.int64))
+
+
+def test_check_cuda_errors_without_cupy_has_nothing_to_check(monkeypatch):
+    import sys
+    from lmxent import _arrays as A
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy fails
+    monkeypatch.setattr(A, "_CUDA", None)
+    assert lx.check_cuda_errors() is None

@@ -295,6 +295,15 @@ def test_per_count_metrics_against_reference(rng):
                                    rtol=1e-14)
 
 
+def test_per_count_metrics_accept_lists_like_the_reference():
+    for fn in ("perplexity", "bits_per_byte"):
+        for args in (([1.0, 2.0], [1, 2]), ([3.0, 4.0], 2), (5.0, [1, 2, 4]),
+                     ([[1.0], [2.0]], [1, 2])):
+            got, want = getattr(lx, fn)(*args), getattr(ref, fn)(*args)
+            assert isinstance(got, np.ndarray) and got.shape == np.shape(want)
+            np.testing.assert_allclose(got, want, rtol=1e-14)
+
+
 def test_per_count_metrics_return_types():
     assert type(lx.perplexity(12.0, 6)) is float
     assert type(lx.bits_per_byte(12, 32)) is float
@@ -434,6 +443,8 @@ def test_sequence_scores_errors(args, kw, exc, match):
     (([4, 0], [3, 3], 4), ValueError, "prompt_lengths: value 4 at position (0,) exceeds the "
                                       "sequence's length"),
     (([0], [1], -1), ValueError, "T must be >= 0"),
+    (([0], [1], 2**63), ValueError, "T must be >= 0 and fit in int64, got 9223372036854775808"),
+    (([0], [1], True), TypeError, "T must be an integer"),
     (([0], [1], 2.0), TypeError, "T must be an integer"),
     (([0.0], [1], 2), TypeError, "prompt_lengths: expected integers"),
     (([0], [True], 2), TypeError, "lengths: expected integers"),

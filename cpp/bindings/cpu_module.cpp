@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 
 #include <dlfcn.h>
+#include <stdio.h>
 
 #include <string>
 
@@ -235,9 +236,21 @@ void release_block(void* v) {
   lmxent::cpu::pool_give(*b);
   delete b;
 }
+// MemoryError naming the size, as NumPy's does ("Unable to allocate 1.5 GiB ...").
+[[noreturn]] void out_of_memory(size_t bytes) {
+  const char* unit[] = {"bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
+  double v = (double)bytes;
+  int u = 0;
+  while (v >= 1024 && u < 6) v /= 1024, ++u;
+  char msg[160];
+  snprintf(msg, sizeof msg, "Unable to allocate %.3g %s (%zu bytes) for an lmxent output", v, unit[u],
+           bytes);
+  PyErr_SetString(PyExc_MemoryError, msg);
+  throw py::error_already_set();
+}
 py::array pooled_empty(size_t bytes) {
   const PoolBlock b = lmxent::cpu::pool_take(bytes);
-  if (!b.p) throw std::bad_alloc();
+  if (!b.p) out_of_memory(bytes);
   PoolBlock* owned = nullptr;
   py::capsule owner;
   try {

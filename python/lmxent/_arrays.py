@@ -168,6 +168,9 @@ def as_float_array(x, name, *, inplace=False):
     if cupy_x:
         kernels(x)  # before np.asarray, which CuPy refuses with an error of its own
     elif not isinstance(x, np.ndarray):
+        if inplace:  # the results would go to a converted copy, not to the caller's x
+            raise TypeError(f"{name}: inplace=True needs a NumPy or CuPy array, got "
+                            f"{type(x).__name__}")
         x = np.asarray(x)
         if x.dtype.kind in "iub":
             x = x.astype(np.float64)
@@ -254,9 +257,13 @@ def check_cuda_errors(device=None):
     """Raise ValueError if a CUDA cross-entropy call on `device` (default: CuPy's
     current device) met a class id out of range since the last check (possible
     under set_cuda_validation('deferred')), and clear the record. Waits for the
-    work queued on CuPy's current stream."""
-    import cupy
-    k = _cuda_kernels()
+    work queued on CuPy's current stream. Without CuPy or the CUDA backend no CUDA
+    call can have run: there is nothing to check, and it returns at once."""
+    try:
+        import cupy
+        k = _cuda_kernels()
+    except (ImportError, TypeError):  # no CuPy, or lmxent built without CUDA
+        return
     with cupy.cuda.Device(device) as dev:
         count, first = k.take_status(dev.id, cupy.cuda.get_current_stream().ptr)
     if count:
@@ -345,7 +352,10 @@ def real(value, name):
 
 
 def integer(value, name):
-    """value as a Python int; floats are refused rather than truncated."""
+    """value as a Python int (Python and NumPy integers, 0-d integer arrays); floats
+    are refused rather than truncated, and so are bools (axis=True is a mistake)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
     try:
         return operator.index(value)
     except TypeError:
@@ -377,6 +387,29 @@ def finite(value, name, lo=None, hi=None):
     return v
 
 
+def check_no_self_overlap(a, name):
+    """Refuse an array that is written to when its elements overlap each other (a
+    stride of 0, or an as_strided view whose axes interleave): each element would
+    be written several times, from different inputs. Axes sorted by stride must
+    each step over the whole extent of the smaller ones (conservative, as torch's
+    internal-overlap check)."""
+    span = a.itemsize
+    for n, st in sorted(((n, abs(st)) for n, st in zip(a.shape, a.strides) if n > 1),
+                        key=lambda d: d[1]):
+        if st < span:
+            raise ValueError(f"{name}: its elements overlap each other in memory (a stride "
+                             "of 0 or a self-overlapping view): results cannot be written "
+                             "into it")
+        span += (n - 1) * st
+
+
+def shares_memory(a, b):
+    """Whether a and b (arrays of one library, or None) may share memory."""
+    if a is None or b is None:
+        return False
+    return (np.may_share_memory if isinstance(a, np.ndarray) else array_module(a).may_share_memory)(a, b)
+
+
 def check_out(out, shape, dtype, name="out", xp=np):
     if not isinstance(out, xp.ndarray):
         lib = "NumPy" if xp is np else "CuPy"
@@ -386,13 +419,16 @@ def check_out(out, shape, dtype, name="out", xp=np):
                          f"got {out.shape} and {out.dtype}")
     if xp is np and not out.flags.writeable:  # CuPy arrays are always writable
         raise ValueError(f"{name}: array is read-only")
+    check_no_self_overlap(out, name)
 
 
-def direct_out(out, x2, xp):
+def direct_out(out, x2, xp, others=()):
     """Rows of `out` a kernel can write into directly, or None (use a buffer):
     out's rows must be a view, and either not overlap the rows read (x2) or be
     exactly them (row by row in place); a partial overlap would let the kernel
-    read rows it has already overwritten."""
+    read rows it has already overwritten. Nor may they overlap any other array the
+    kernel reads (`others`: class weights, probability targets, the LSE, per-row
+    factors), which it reads while writing."""
     try:
         res, _ = rows(out, "out", need_view=True)
     except ValueError:
@@ -400,6 +436,8 @@ def direct_out(out, x2, xp):
     if xp.may_share_memory(res, x2) and not (
             data_ptr(res) == data_ptr(x2)
             and res.strides == x2.strides):  # shapes and dtypes match already
+        return None
+    if any(shares_memory(res, o) for o in others):
         return None
     return res
 

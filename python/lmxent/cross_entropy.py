@@ -196,21 +196,27 @@ class _Problem:
         return grad_factor(grad_output, self.opts.reduction, self.denom, self.lead, self.ct,
                            self.xp)
 
-    def new_grad(self, inplace, out):
+    def new_grad(self, inplace, out, reads=()):
         """(rows the kernel writes the gradient to, the array returned, and a buffer
-        to copy into `out` afterwards or None)."""
+        to copy into `out` (or the logits) afterwards or None). `reads`: the other
+        arrays of the call the kernel reads (the LSE, per-row factors)."""
+        others = (self.probs, self.w) + tuple(reads)
         if inplace:
             if out is not None:
                 raise ValueError("give out= or inplace=True, not both")
+            A.check_no_self_overlap(self.x, "logits")
+            if any(A.shares_memory(self.x2, o) for o in others):  # read while overwritten
+                g = A.empty(self.xp, self.x2.shape, self.x.dtype)
+                return g, self.x, g
             return self.x2, self.x, None
         if out is None:
             g = A.empty(self.xp, self.x2.shape, self.x.dtype)
             return g, g.reshape(self.x.shape), None
         A.check_out(out, self.x.shape, self.x.dtype, xp=self.xp)
-        rows = A.direct_out(out, self.x2, self.xp)
+        rows = A.direct_out(out, self.x2, self.xp, others)
         if rows is not None:
             return rows, out, None
-        g = A.empty(self.xp, self.x2.shape, self.x.dtype)  # out overlaps the logits in part
+        g = A.empty(self.xp, self.x2.shape, self.x.dtype)  # out overlaps an input in part
         return g, out, g
 
     def grad_into(self, written, returned, buffer, **run_args):
@@ -248,7 +254,8 @@ def cross_entropy_with_grad(logits, targets, *, weight=None, ignore_index=-100,
                  softcap, logit_scale, normalizer, inplace=inplace)
     scale, rows = p.grad_factor(grad_output)
     loss = p.xp.empty(p.x2.shape[0], p.ct)
-    g = p.grad_into(*p.new_grad(inplace, out), loss=loss, grad_scale=scale, grad_rows=rows)
+    g = p.grad_into(*p.new_grad(inplace, out, (rows,)), loss=loss, grad_scale=scale,
+                    grad_rows=rows)
     return p.reduce(loss), g
 
 
@@ -266,5 +273,5 @@ def cross_entropy_backward(logits, targets, lse, grad_output, *, weight=None,
         raise ValueError(f"lse: expected shape {p.lead}, got {lse.shape}")
     lse = A.require(lse.reshape(-1), p.ct)
     scale, rows = p.grad_factor(grad_output)
-    return p.grad_into(*p.new_grad(False, out), lse=lse, lse_given=True, grad_scale=scale,
-                       grad_rows=rows)
+    return p.grad_into(*p.new_grad(False, out, (lse, rows)), lse=lse, lse_given=True,
+                       grad_scale=scale, grad_rows=rows)

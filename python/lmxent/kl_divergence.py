@@ -84,6 +84,10 @@ def kl_divergence(student_logits, teacher_logits, *, temperature=1.0, direction=
     if return_grad:
         grad_scale, grad_rows = _grad_factors(grad_output, reduction, counted, lead, ct, xp)
         if inplace:
+            A.check_no_self_overlap(s, "student_logits")
+            if A.shares_memory(s2, grad_rows):
+                raise ValueError("inplace=True: grad_output shares memory with "
+                                 "student_logits, which the gradient would overwrite")
             g2, g = s2, s
         else:
             g = A.empty(xp, s.shape, s.dtype)
