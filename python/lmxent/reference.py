@@ -318,7 +318,8 @@ def kl_divergence(student_logits, teacher_logits, *, temperature=1.0, direction=
     def weighted(w, a):  # sum_j w_j a_j with w_j = 0 contributing 0
         return np.where(w > 0, w * a, 0.0)
 
-    with np.errstate(invalid="ignore", divide="ignore"):
+    # an overflow below is a true inf, or dropped by weighted()
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         if direction == "forward":
             kl = weighted(q, lt - ls).sum(-1)
             g = p - q
