@@ -553,7 +553,7 @@ __device__ __forceinline__ void kl_add(KLAcc<C>& a, const C (&us)[K], const C (&
   const C ms0 = a.ms, mt0 = a.mt;
   const double ss0 = a.ss, st0 = a.st;
   const double fs = lse_lift(a.ms, a.ss, us, k), ft = lse_lift(a.mt, a.st, ut, k);
-  if (D)
+  if (D && (a.ms != ms0 || a.mt != mt0))  // a max moved
     a.d = TW ? kl_move(a.d, st0, ft, (double)mt0, (double)a.mt, (double)ms0, (double)a.ms)
              : kl_move(a.d, ss0, fs, (double)ms0, (double)a.ms, (double)mt0, (double)a.mt);
   const C shs = a.ms == -inf<C>() ? (C)0 : a.ms, sht = a.mt == -inf<C>() ? (C)0 : a.mt;

@@ -220,7 +220,7 @@ def test_offset(rng, dtype, c, direction, side):
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
-def test_offset_with_temperature(rng, direction):
+def test_offset_with_temperature(rng, isa, direction):
     # the scale applies to centred values: kz * (u - max), not (kz * u) - lse
     s0, t0 = rng.standard_normal((2, 3, 300)) * 3
     for c in [1e6, 1e30]:
@@ -231,7 +231,7 @@ def test_offset_with_temperature(rng, direction):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("direction", DIRECTIONS)
-def test_huge_finite_logits(dtype, direction):
+def test_huge_finite_logits(isa, dtype, direction):
     # differences of the two rows' maxima (3e38 - 0) or of logits far below a huge
     # max (0 - 3e38) must not be formed: an inf or a NaN came out before
     big = {F64: 1.6e308, F16: 6e4}.get(dtype, 3e38)
