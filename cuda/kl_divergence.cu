@@ -4,14 +4,17 @@
 // lmxent/contract.h, KLArgs).
 //
 // One block per row. Pass 1 reads both rows once: two online LSE states and
-// the direction's weighted sum (KLAcc in rows.cuh),
-//   forward: D = sum_j exp(zt_j - mt) (zt_j - zs_j),  KL = D / St + lse_s - lse_t
-//   reverse: D = sum_j exp(zs_j - ms) (zs_j - zt_j),  KL = D / Ss + lse_t - lse_s
-// (differences of logits: no cancellation against the LSEs where the rows
-// agree). Jensen-Shannon needs both LSEs before its sums, so it reads the
-// rows a second time (from L2: the block does it right after pass 1). The
-// gradient pass reads them once more and writes the gradient, possibly over
-// the student (each element is read and written by the same thread).
+// the direction's weighted sum (KLAcc in rows.cuh), every logit taken
+// relative to its own row's max (a = zs - ms, b = zt - mt),
+//   forward: D = sum_j exp(b_j) (b_j - a_j),  KL = D / St + log Ss - log St
+//   reverse: D = sum_j exp(a_j) (a_j - b_j),  KL = D / Ss + log St - log Ss
+// (kl_merge_sum in lmxent/contract.h: a teacher-student offset of any size
+// cancels exactly, nothing cancels against an LSE where the rows agree, huge
+// finite logits never overflow). Jensen-Shannon needs both LSEs before its
+// sums, so it reads the rows a second time (from L2: the block does it right
+// after pass 1). The gradient pass reads them once more and writes the
+// gradient, possibly over the student (each element is read and written by
+// the same thread); both take log p as kz (z - m) - log s (LogProb).
 //
 // Rows are not split across blocks (as on the CPU): one long row runs on one
 // block.
@@ -28,8 +31,10 @@ constexpr int kForward = (int)KLDirection::Forward, kReverse = (int)KLDirection:
 
 // The row's scalars, shared with the whole block.
 struct KLRow {
-  double lse_s, lse_t, base;  // base: the gradient's sum_k p_k c_k (reverse: KL; JS: js_p / 2)
-  bool ok;                    // both distributions defined (finite LSEs)
+  double ms, mt;              // the rows' maxima (u units)
+  double log_ss, log_st;      // log of the rows' sums relative to their maxima
+  double base;                // the gradient's sum_k p_k c_k (reverse: KL; JS: js_p / 2)
+  bool ok;                    // both distributions defined (finite maxima, no NaN)
 };
 
 template <class T, int Dir>
@@ -56,27 +61,30 @@ struct KLK {
     }, sh);
   }
 
-  // The row's LSEs and, for forward and reverse, its loss (one thread).
+  // The row's maxima and log sums and, for forward and reverse, its loss (one thread).
   __device__ KLRow finish(int64_t r, const KLAcc<C>& acc) const {
     KLRow w;
-    w.lse_s = lse_final(LseState<double>{tr.kz * (double)acc.ms, acc.ss}, DLog());
-    w.lse_t = lse_final(LseState<double>{tr.kz * (double)acc.mt, acc.st}, DLog());
-    w.ok = isfinite(w.lse_s) && isfinite(w.lse_t);
+    w.ms = (double)acc.ms;
+    w.mt = (double)acc.mt;
+    w.log_ss = log(acc.ss);
+    w.log_st = log(acc.st);
+    w.ok = lse_defined(acc.ms, acc.ss) && lse_defined(acc.mt, acc.st);
     w.base = !w.ok ? (double)NAN
-             : Dir == kForward ? tr.kz * acc.d / acc.st + w.lse_s - w.lse_t
-             : Dir == kReverse ? tr.kz * acc.d / acc.ss + w.lse_t - w.lse_s
+             : Dir == kForward ? tr.kz * acc.d / acc.st + w.log_ss - w.log_st
+             : Dir == kReverse ? tr.kz * acc.d / acc.ss + w.log_st - w.log_ss
                                : 0.0;
     if (Dir != kJS || !w.ok) put_loss(r, w.base);
     if (w.base < 0) w.base = 0;
     return w;
   }
 
-  // Per element: log p, log q (as z - lse, exact near the max), p, q.
+  // Per element: log p, log q (centred on each row's max), p, q.
   struct Elem {
     C ls, lt, p, q;
   };
-  __device__ Elem elem(C us, C ut, const LseSplit<C>& ss, const LseSplit<C>& st) const {
-    const C ls = ss.sub(tr.z(us)), lt = st.sub(tr.z(ut));
+  __device__ LogProb<C> log_probs(double m, double log_s) const { return {(C)m, tr.scale, (C)log_s}; }
+  __device__ Elem elem(C us, C ut, const LogProb<C>& ss, const LogProb<C>& st) const {
+    const C ls = ss(us), lt = st(ut);
     return {ls, lt, expc(ls), expc(lt)};
   }
   // log(p / m) with m = (p + q) / 2, as log 2 - softplus(log q - log p), and
@@ -91,7 +99,7 @@ struct KLK {
 
   // Jensen-Shannon: sum_j p log(p / m), sum_j q log(q / m) of the row.
   __device__ Sum2 js_sums(int64_t r, const KLRow& w, Sum2* sh) const {
-    const LseSplit<C> ss(w.lse_s), st(w.lse_t);
+    const LogProb<C> ss = log_probs(w.ms, w.log_ss), st = log_probs(w.mt, w.log_st);
     Sum2 acc{0.0, 0.0};
     row_walk2<false>(xs(r), xt(r), (T*)nullptr, 0, a.student.cols, [&](int64_t, auto& us, auto& ut) {
       C sp = 0, sq = 0;
@@ -118,7 +126,7 @@ struct KLK {
       row_fill(gr, 0, V, (C)NAN);
       return;
     }
-    const LseSplit<C> ss(w.lse_s), st(w.lse_t);
+    const LogProb<C> ss = log_probs(w.ms, w.log_ss), st = log_probs(w.mt, w.log_st);
     const C f = (C)(tr.kz * a.grad_scale * (a.grad_rows ? (double)((const C*)a.grad_rows)[r] : 1.0));
     const C base = (C)w.base;
     row_walk2<true>(xs(r), xt(r), gr, 0, V, [&](int64_t, auto& us, auto& ut) {

@@ -519,9 +519,10 @@ __device__ __forceinline__ EntAcc<C> shfl_xor(const EntAcc<C>& a, int o) {
 
 // ---- KL divergence: two online LSE states and a weighted sum --------------------
 // Student and teacher rows in u space (z = kz u), each with its own max and
-// sum, and the direction's sum d = sum_j e_j (v_j - w_j) weighted by the exps
-// of one side (TW: the teacher's, forward KL; else the student's), which
-// moves with that side's s (lse_merge_sum of the contract).
+// sum, and the direction's sum d = sum_j e_j (a_j - b_j) of the values
+// centred on each side's own max, weighted by the exps of one side (TW: the
+// teacher's, forward KL; else the student's), which moves with both maxima
+// (kl_move, kl_merge_sum of the contract).
 template <class C>
 struct KLAcc {
   C ms, mt;
@@ -549,17 +550,22 @@ __device__ __forceinline__ double lse_lift(C& m, double& s, const C (&u)[K], C k
 // turns into a NaN loss and gradient.
 template <bool TW, bool D, class C, int K>
 __device__ __forceinline__ void kl_add(KLAcc<C>& a, const C (&us)[K], const C (&ut)[K], C k) {
+  const C ms0 = a.ms, mt0 = a.mt;
+  const double ss0 = a.ss, st0 = a.st;
   const double fs = lse_lift(a.ms, a.ss, us, k), ft = lse_lift(a.mt, a.st, ut, k);
-  if (D) a.d *= TW ? ft : fs;
+  if (D && (a.ms != ms0 || a.mt != mt0))  // a max moved
+    a.d = TW ? kl_move(a.d, st0, ft, (double)mt0, (double)a.mt, (double)ms0, (double)a.ms)
+             : kl_move(a.d, ss0, fs, (double)ms0, (double)a.ms, (double)mt0, (double)a.mt);
   const C shs = a.ms == -inf<C>() ? (C)0 : a.ms, sht = a.mt == -inf<C>() ? (C)0 : a.mt;
   C ps = 0, pt = 0, pd = 0;
 #pragma unroll
   for (int i = 0; i < K; ++i) {
-    const C es = exp2c((us[i] - shs) * k), et = exp2c((ut[i] - sht) * k);
+    const C cs = us[i] - shs, ct = ut[i] - sht;  // centred: never ut - us
+    const C es = exp2c(cs * k), et = exp2c(ct * k);
     ps += es;
     pt += et;
     if (D) {
-      const C e = TW ? et : es, diff = TW ? ut[i] - us[i] : us[i] - ut[i];
+      const C e = TW ? et : es, diff = TW ? ct - cs : cs - ct;
       pd += e > (C)0 ? e * diff : (C)0;  // a zero weight contributes 0, even against -inf
     }
   }
@@ -574,7 +580,7 @@ __device__ __forceinline__ KLAcc<C> kl_acc_merge(const KLAcc<C>& a, const KLAcc<
   const LseState<double> as{(double)a.ms, a.ss}, bs{(double)b.ms, b.ss};
   const LseState<double> at{(double)a.mt, a.st}, bt{(double)b.mt, b.st};
   const LseState<double> rs = lse_merge(as, bs, e), rt = lse_merge(at, bt, e);
-  const double d = TW ? lse_merge_sum(at, a.d, bt, b.d, e) : lse_merge_sum(as, a.d, bs, b.d, e);
+  const double d = TW ? kl_merge_sum(at, as, a.d, bt, bs, b.d, e) : kl_merge_sum(as, at, a.d, bs, bt, b.d, e);
   return {(C)rs.m, (C)rt.m, rs.s, rt.s, d};
 }
 

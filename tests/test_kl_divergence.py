@@ -7,8 +7,8 @@ import pytest
 
 import lmxent as lx
 from lmxent import reference as R
-from conftest import (DTYPE_IDS, DTYPES, F64, assert_grad_close, assert_loss_close, lowp,
-                      numeric_grad, torch)
+from conftest import (DTYPE_IDS, DTYPES, F16, F32, F64, assert_grad_close, assert_loss_close,
+                      dtype_id, lowp, numeric_grad, torch)
 
 DIRECTIONS = ["forward", "reverse", "js"]
 # gradient tolerance: float32 error is absolute, relative to the row's gradient scale (<= 2 / T)
@@ -144,3 +144,99 @@ def test_inplace_refuses_aliased_teacher():
     x = np.zeros((3, 10))
     with pytest.raises(ValueError, match="shares memory"):
         lx.kl_divergence(x, x, return_grad=True, inplace=True)
+
+
+# ------------------------------------------------- logit offsets and huge logits
+# softmax ignores a constant added to a row, so the KL must too, however large:
+# the kernels take every logit relative to its own row's max (never teacher minus
+# student), and the reference takes log p as (z - max) - log sum.
+
+def torch_kl(s64, t64, direction, temperature=1.0):
+    """Per-row KL of float64 inputs with torch (F.kl_div, log_target) and the gradient
+    of its sum with respect to the student. A -inf teacher logit becomes the lowest
+    float64: kl_div's exp(-inf) * -inf is NaN, its limit (this) the 0 of lmxent."""
+    st = torch.from_numpy(s64).requires_grad_()
+    ls = torch.log_softmax(st / temperature, -1)
+    t64 = np.where(t64 == -np.inf, np.finfo(np.float64).min, t64)
+    lt = torch.log_softmax(torch.from_numpy(t64) / temperature, -1)
+
+    def kl(inp, target):  # KL(target || inp) per row
+        return torch.nn.functional.kl_div(inp, target, log_target=True, reduction="none").sum(-1)
+    if direction == "forward":
+        loss = kl(ls, lt)
+    elif direction == "reverse":
+        loss = kl(lt, ls)
+    else:
+        lm = torch.logaddexp(ls, lt) - np.log(2.0)
+        loss = (kl(lm, ls) + kl(lm, lt)) / 2
+    loss.sum().backward()
+    return loss.detach().numpy(), st.grad.numpy()
+
+
+def check_against_reference_and_torch(s, s64, t, t64, direction, dtype, temperature=1.0):
+    """lmxent (loss with and without the gradient) against the reference, and the
+    reference against torch, all on the same (rounded) inputs."""
+    kw = dict(direction=direction, reduction="none", temperature=temperature)
+    loss, g = lx.kl_divergence(s, t, return_grad=True, **kw)
+    rl, rg = R.kl_divergence(s64, t64, return_grad=True, **kw)
+    assert_loss_close(loss, rl, dtype, what=f"kl {direction}")
+    assert_loss_close(lx.kl_divergence(s, t, **kw), rl, dtype, what=f"kl {direction}, no grad")
+    assert_grad_close(g, rg, dtype, gscale=GSCALE / temperature)
+    if torch is not None:
+        tl, tg = torch_kl(s64, t64, direction, temperature)
+        np.testing.assert_allclose(rl, tl, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(rg, tg, rtol=1e-10, atol=1e-13)
+
+
+def test_offset_reproducers():
+    # the issue's rows (float32): 1.2733 and inf before
+    s = np.array([[0.5, 0.1, -0.2]], np.float32)
+    t = np.array([[1e8, 0, 0]], np.float32)
+    assert abs(float(lx.kl_divergence(s, t)) - 0.7733) < 1e-4
+    np.testing.assert_allclose(lx.kl_divergence(s, t), np.log(np.exp([0.0, -0.4, -0.7]).sum()),
+                               rtol=1e-6)
+    z = np.zeros((1, 3), np.float32)
+    huge = np.array([[3e38, 3e38, 0]], np.float32)
+    np.testing.assert_allclose(lx.kl_divergence(z, huge), np.log(1.5), rtol=1e-6)
+    np.testing.assert_allclose(R.kl_divergence(z, huge), np.log(1.5), rtol=1e-14)
+
+
+# float16 overflows beyond 65504
+OFFSETS = [(d, c) for d in DTYPES for c in ([1e4, 6e4] if d == F16 else [1e4, 1e6, 1e8, 1e30])]
+
+
+@pytest.mark.parametrize("dtype, c", OFFSETS, ids=[f"{dtype_id(d)}-{c:g}" for d, c in OFFSETS])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("side", ["teacher", "student"])
+def test_offset(rng, dtype, c, direction, side):
+    # 2500 columns: the offset meets the merge of two chunks too
+    s0 = rng.standard_normal((4, 2500)) * 3
+    t0 = rng.standard_normal((4, 2500)) * 3
+    if direction != "reverse":
+        t0[:, ::7] = -np.inf  # impossible teacher classes stay impossible
+    s, s64 = lowp(s0 + (c if side == "student" else 0.0), dtype)
+    t, t64 = lowp(t0 + (c if side == "teacher" else 0.0), dtype)
+    check_against_reference_and_torch(s, s64, t, t64, direction, dtype)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_offset_with_temperature(rng, isa, direction):
+    # the scale applies to centred values: kz * (u - max), not (kz * u) - lse
+    s0, t0 = rng.standard_normal((2, 3, 300)) * 3
+    for c in [1e6, 1e30]:
+        s, s64 = lowp(s0 - c, F32)
+        t, t64 = lowp(t0 + c, F32)
+        check_against_reference_and_torch(s, s64, t, t64, direction, F32, temperature=0.7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_huge_finite_logits(isa, dtype, direction):
+    # differences of the two rows' maxima (3e38 - 0) or of logits far below a huge
+    # max (0 - 3e38) must not be formed: an inf or a NaN came out before
+    big = {F64: 1.6e308, F16: 6e4}.get(dtype, 3e38)
+    rows = np.array([[big, big, 0.0], [0.0, 0.0, 0.0], [big, 0.0, big], [-big, 0.0, -big]])
+    s, s64 = lowp(rows[[1, 0, 2, 0]], dtype)
+    t, t64 = lowp(rows[[0, 1, 2, 2]], dtype)
+    check_against_reference_and_torch(s, s64, t, t64, direction, dtype)
+    assert np.isfinite(lx.kl_divergence(s, t, direction=direction, reduction="none")).all()

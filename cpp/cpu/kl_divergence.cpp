@@ -3,13 +3,17 @@
 // logits (formulas in lmxent/contract.h, KLArgs).
 //
 // Pass 1 reads both rows once, in L1 chunks: the two online LSE states and
-// the KL sum weighted by the exps of the side that weights it,
-//   forward: D = sum_j exp(zt_j - mt) (zt_j - zs_j),  KL = D / St + lse_s - lse_t
-//   reverse: D = sum_j exp(zs_j - ms) (zs_j - zt_j),  KL = D / Ss + lse_t - lse_s
-// (differences of logits, not of log-probabilities: no cancellation against
-// the LSE where the two rows agree). Jensen-Shannon needs both LSEs before
-// its sum, so it reads the rows a second time (from L2 for rows that fit).
-// The gradient pass reads them once more and writes the gradient.
+// the KL sum weighted by the exps of the side that weights it, every logit
+// taken relative to its own row's max (a = zs - ms, b = zt - mt):
+//   forward: D = sum_j exp(b_j) (b_j - a_j),  KL = D / St + log Ss - log St
+//   reverse: D = sum_j exp(a_j) (a_j - b_j),  KL = D / Ss + log St - log Ss
+// (kl_merge_sum in lmxent/contract.h). A teacher-student offset of any size
+// cancels exactly, nothing cancels against an LSE where the rows agree, and
+// huge finite logits never overflow (no difference of the two rows' raw
+// logits is formed). Jensen-Shannon needs both LSEs before its sum, so it
+// reads the rows a second time (from L2 for rows that fit). The gradient
+// pass reads them once more and writes the gradient; it too takes log p as
+// kz (z - m) - log s (LogProb).
 //
 // Memory traffic: forward and reverse read each logit of both rows once
 // without a gradient, twice with one (the second read from L2 for rows that
@@ -21,14 +25,21 @@ namespace lmxent {
 namespace cpu {
 inline namespace LMXENT_ISA {
 
+// Maxima and D in the units of the logits before the scale kz (z = kz u).
 struct KLPartial {
   LseState<double> s, t;
   double d;  // the direction's weighted sum (forward: teacher-weighted)
 };
 
-inline KLPartial kl_merge(const KLPartial& a, const KLPartial& b, bool teacher_weights) {
-  const double d = teacher_weights ? lse_merge_sum(a.t, a.d, b.t, b.d, dexp) : lse_merge_sum(a.s, a.d, b.s, b.d, dexp);
-  return {lse_merge(a.s, b.s, dexp), lse_merge(a.t, b.t, dexp), d};
+struct KzExp {  // exp(kz x): the merges' factor for a move of x in u units
+  double kz;
+  double operator()(double x) const { return ::exp(kz * x); }
+};
+
+inline KLPartial kl_merge(const KLPartial& a, const KLPartial& b, bool teacher_weights, KzExp e) {
+  const double d = teacher_weights ? kl_merge_sum(a.t, a.s, a.d, b.t, b.s, b.d, e)
+                                   : kl_merge_sum(a.s, a.t, a.d, b.s, b.t, b.d, e);
+  return {lse_merge(a.s, b.s, e), lse_merge(a.t, b.t, e), d};
 }
 
 template <class T>
@@ -68,15 +79,15 @@ struct KLOp {
         prefetch_lines<W * sizeof(T)>((uintptr_t)(s + b + j) + kChunk * sizeof(T));
         prefetch_lines<W * sizeof(T)>((uintptr_t)(t + b + j) + kChunk * sizeof(T));
         at(s + b, t + b, j, imin(W, n - j), us, ut);
-        const V<C> es = vexp2_neg<C>((us - mxs) * k), et = vexp2_neg<C>((ut - mxt) * k);
+        const V<C> cs = us - mxs, ct = ut - mxt;  // centred: never ut - us
+        const V<C> es = vexp2_neg<C>(cs * k), et = vexp2_neg<C>(ct * k);
         ss += es;
         st += et;
-        d += forward() ? weighted<C, true>(et, ut - us) : weighted<C, true>(es, us - ut);
+        d += forward() ? weighted<C, true>(et, ct - cs) : weighted<C, true>(es, cs - ct);
       }
-      const KLPartial chunk{{chunk_shift(Ms, kz), (double)hsum<C>(ss)},
-                            {chunk_shift(Mt, kz), (double)hsum<C>(st)},
-                            (double)kz * (double)hsum<C>(d)};
-      acc = kl_merge(acc, chunk, forward());
+      const KLPartial chunk{{(double)Ms, (double)hsum<C>(ss)}, {(double)Mt, (double)hsum<C>(st)},
+                            (double)hsum<C>(d)};
+      acc = kl_merge(acc, chunk, forward(), KzExp{(double)kz});
     }
     return acc;
   }
@@ -85,8 +96,8 @@ struct KLOp {
   struct Elem {
     V<C> p, q, lpm, lqm;
   };
-  Elem elem(V<C> us, V<C> ut, const LseSplit<C>& ls, const LseSplit<C>& lt, bool js) const {
-    const V<C> a_s = ls.sub(us * kz), a_t = lt.sub(ut * kz);
+  Elem elem(V<C> us, V<C> ut, const LogProb<C>& ls, const LogProb<C>& lt, bool js) const {
+    const V<C> a_s = ls(us), a_t = lt(ut);
     Elem e{vexp_neg(a_s), vexp_neg(a_t), {}, {}};
     if (js) {  // log(p / m) = log 2 - softplus(a_t - a_s), and the same for q
       const V<C> dd = a_t - a_s, ad = vmax<C>(dd, -dd);
@@ -100,7 +111,7 @@ struct KLOp {
 
   // sum_j p log(p / m), sum_j q log(q / m) of a row (Jensen-Shannon, pass 2).
   // Summed per chunk in C, across chunks in double.
-  void js_sums(int64_t r, int64_t cols, const LseSplit<C>& ls, const LseSplit<C>& lt, double& js_p, double& js_q) const {
+  void js_sums(int64_t r, int64_t cols, const LogProb<C>& ls, const LogProb<C>& lt, double& js_p, double& js_q) const {
     js_p = js_q = 0;
     for (int64_t b = 0; b < cols; b += kChunk) {
       const int64_t c1 = imin(cols, b + kChunk);
@@ -126,9 +137,9 @@ struct KLOp {
       return;
     }
     const KLPartial p = pass1(r, cols);
-    const double lse_s = lse_final(p.s, dlog), lse_t = lse_final(p.t, dlog);
-    const bool ok = keep_usable(lse_s) && keep_usable(lse_t);  // both distributions defined
-    const LseSplit<C> ls(lse_s), lt(lse_t);
+    const bool ok = lse_defined(p.s.m, p.s.s) && lse_defined(p.t.m, p.t.s);
+    const double log_ss = ::log(p.s.s), log_st = ::log(p.t.s);
+    const LogProb<C> ls{(C)p.s.m, kz, (C)log_ss}, lt{(C)p.t.m, kz, (C)log_st};
     double kl, js_p = 0;
     if (!ok) {
       kl = NAN;
@@ -137,7 +148,7 @@ struct KLOp {
       js_sums(r, cols, ls, lt, js_p, js_q);
       kl = 0.5 * (js_p + js_q);
     } else {
-      kl = forward() ? p.d / p.t.s + lse_s - lse_t : p.d / p.s.s + lse_t - lse_s;
+      kl = forward() ? (double)kz * p.d / p.t.s + log_ss - log_st : (double)kz * p.d / p.s.s + log_st - log_ss;
     }
     kl = kl < 0 ? 0 : kl;  // only rounding makes it negative
     if (loss) loss[r] = (C)kl;
@@ -152,7 +163,7 @@ struct KLOp {
       const Elem e = elem(us, ut, ls, lt, js);
       if (forward()) return (e.p - e.q) * f;
       // d/dzs_j = p_j (c_j - sum_k p_k c_k): c = log p - log q (reverse), log(p / m) / 2 (JS)
-      const V<C> c = js ? e.lpm * (C)0.5 : ls.sub(us * kz) - lt.sub(ut * kz);
+      const V<C> c = js ? e.lpm * (C)0.5 : ls(us) - lt(ut);
       return weighted<C, true>(e.p, c - base) * f;
     });
   }

@@ -293,20 +293,33 @@ def token_stats(logits, targets, *, ignore_index=-100, temperature=1.0):
     return TokenStats(logprob, lse, entropy, rank == 0, top_prob, rank)
 
 
+def _log_probs(x, temperature):
+    """log softmax as (z - max) - log(sum exp(z - max)): z - lse would lose log(sum)
+    beside a large max (1e30 + log 3 == 1e30 in float64), which every logit of a row
+    offset by 1e30 shares."""
+    z = _scaled(x, temperature)
+    m = np.max(z, axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)  # undefined rows are NaN in the end
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        c = z - m
+        return c - np.log(np.sum(np.exp(c), axis=-1, keepdims=True))
+
+
 def kl_divergence(student_logits, teacher_logits, *, temperature=1.0, direction="forward",
                   reduction="batchmean", mask=None, grad_output=1.0, return_grad=False):
     """KL(q || p) (forward), KL(p || q) (reverse) or Jensen-Shannon (js) of
     p = softmax(student / T), q = softmax(teacher / T); terms with zero weight are 0.
     "batchmean" divides by the number of rows counted (mask True); 0 rows give 0.
     With return_grad, also d loss / d student_logits * grad_output."""
-    ls = log_softmax(student_logits, temperature=temperature)
-    lt = log_softmax(teacher_logits, temperature=temperature)
+    ls = _log_probs(student_logits, temperature)
+    lt = _log_probs(teacher_logits, temperature)
     p, q = np.exp(ls), np.exp(lt)
 
     def weighted(w, a):  # sum_j w_j a_j with w_j = 0 contributing 0
         return np.where(w > 0, w * a, 0.0)
 
-    with np.errstate(invalid="ignore", divide="ignore"):
+    # an overflow below is a true inf, or dropped by weighted()
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         if direction == "forward":
             kl = weighted(q, lt - ls).sum(-1)
             g = p - q

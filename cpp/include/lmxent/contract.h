@@ -134,19 +134,51 @@ LMXENT_HD C lse_final(LseState<C> st, Log log_fn) {
   return st.m + log_fn(st.s);
 }
 
-// A sum weighted by exp(z - m), carried beside its LSE state (the KL sums),
-// merges like s: the larger side's plus exp(m_small - m_large) times the
-// smaller side's, where the smaller side has anything.
-template <class C, class Exp>
-LMXENT_HD C lse_merge_sum(LseState<C> a, C da, LseState<C> b, C db, Exp exp_fn) {
-  if (lse_isnan(a.m) || lse_isnan(b.m)) return a.m + b.m;
-  if (a.m < b.m) {
-    LseState<C> t = a; a = b; b = t;
-    C u = da; da = db; db = u;
-  }
-  if (b.s == (C)0) return da;
-  return a.m == b.m ? da + db : da + exp_fn(b.m - a.m) * db;
+// The KL sums. Each side's log-probabilities are taken relative to that
+// side's own max m and sum s (u the pre-scale logits, z = kz u):
+//   log p_j = kz a_j - log s,  a_j = u_j - m,
+// so the weighted sum of the direction,
+//   d = sum_j e_j (a_j - b_j),  e_j = exp(kz a_j),  a: the weighting side, b: the other,
+// gives KL = kz d / s_a + log s_b - log s_a, and the two rows' logits are never
+// subtracted from each other: an offset between teacher and student of any
+// size cancels exactly, and huge finite logits (3e38) never overflow.
+// When the maxima move (a merge, or an online lift) to M_a, M_b, the centred
+// values move by kl_shift(m, M) = m - M; with f = exp(kz (m_a - M_a)), the
+// factor of the weighting side's sums, and s_a its sum before the move,
+//   d' = f (d + (kl_shift(m_a, M_a) - kl_shift(m_b, M_b)) s_a).
+template <class C>
+LMXENT_HD C kl_shift(C m, C M) { return m == M ? (C)0 : m - M; }  // 0 also for -inf to -inf
+
+template <class C>
+LMXENT_HD C kl_move(C d, C s, C f, C ma, C Ma, C mb, C Mb) {
+  if (f == (C)0) return (C)0;  // the weights underflowed: no term counts, as e_j = 0 in the sum
+  if (s == (C)0) return d;     // nothing weighted yet (the shift may be -inf: never 0 * inf)
+  return f * (d + (kl_shift(ma, Ma) - kl_shift(mb, Mb)) * s);
 }
+
+// Merges two parts' d: (wa, oa) and (wb, ob) the weighting and other side's
+// LSE states of each part (maxima in the units of d; exp_fn(x) = exp(kz x)).
+template <class C, class Exp>
+LMXENT_HD C kl_merge_sum(LseState<C> wa, LseState<C> oa, C da, LseState<C> wb, LseState<C> ob, C db,
+                         Exp exp_fn) {
+  const C W = wa.m < wb.m ? wb.m : wa.m, O = oa.m < ob.m ? ob.m : oa.m;
+  const C fa = wa.m == W ? (C)1 : exp_fn(wa.m - W), fb = wb.m == W ? (C)1 : exp_fn(wb.m - W);
+  return kl_move(da, wa.s, fa, wa.m, W, oa.m, O) + kl_move(db, wb.s, fb, wb.m, W, ob.m, O);
+}
+
+// A side's softmax (and the KL with it) is defined when its max is finite
+// and no NaN reached its sum.
+template <class C, class S>
+LMXENT_HD bool lse_defined(C m, S s) { return m > -(C)INFINITY && m < (C)INFINITY && s == s; }
+
+// log p_j = kz (u_j - m) - log s of one side (see the KL sums above): exact
+// where every logit carries a large offset, unlike z_j - lse. U: C or a vector of C.
+template <class C>
+struct LogProb {
+  C m, kz, log_s;
+  template <class U>
+  LMXENT_HD U operator()(U u) const { return (u - m) * kz - log_s; }
+};
 
 // Entropy rides along the online LSE as h = sum_j exp(z_j - m) (z_j - m), so
 // that H = log s - h / s. Moving a state to a larger max M scales s by
