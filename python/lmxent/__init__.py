@@ -41,9 +41,12 @@ def set_cpu_isa(name):
 def set_num_threads(n):
     """Threads the CPU kernels may use, for the whole process (every Python thread,
     and forked children from then on). See docs/threads.md."""
-    if isinstance(n, (bool, _np.bool_)) or not hasattr(n, "__index__"):
-        raise TypeError(f"n must be an integer number of threads, got {n!r}")
-    n = _operator.index(n)
+    try:
+        if isinstance(n, (bool, _np.bool_)):  # an int subclass, but surely a mistake
+            raise TypeError
+        n = _operator.index(n)  # ints, NumPy integers, 0-d integer arrays; no floats
+    except TypeError:
+        raise TypeError(f"n must be an integer number of threads, got {n!r}") from None
     if not 1 <= n <= _cpu.thread_limit:
         raise ValueError(f"n must be between 1 and {_cpu.thread_limit} threads, got {n}")
     _cpu.set_num_threads(n)
