@@ -2,9 +2,12 @@
 //
 // One job at a time owns the pool (busy). Its owner publishes the job, wakes
 // the helpers it wants through each one's own generation counter and condition
-// variable (so a 2-task job wakes one worker, not all of them), claims tasks
-// itself, and waits until every helper has checked out; only then may the job
-// fields change. Workers are started on first need and never exit: the pool
+// variable (so a 2-task job wakes one worker, not all of them), and claims
+// tasks itself. When no task is left it closes the job and waits only for the
+// helpers that joined it (their tasks may still run): a helper that wakes late,
+// say on a busy machine, finds the job closed and touches nothing of it. So a
+// descheduled worker never delays a call, and the job fields may change as
+// soon as the joined helpers are done. Workers are started on first need and never exit: the pool
 // and its workers are never freed, so nothing waits on them at process exit.
 // After fork() the child gets a fresh, empty pool: the parent's workers do not
 // exist there, and nothing of the old pool (whose locks or job may have been
@@ -67,13 +70,17 @@ struct Pool {
   void* ctx = nullptr;
   int ntasks = 0;
   uint64_t gen = 0;
-  std::atomic<int> next{0};    // the next task to claim
-  std::atomic<int> active{0};  // helpers of the job not yet checked out
+  std::atomic<int> next{0};  // the next task to claim
+  // The job's generation (high 32 bits), whether it is closed to new helpers
+  // (kClosed) and how many helpers joined and have not finished (low bits).
+  std::atomic<uint64_t> ctl{0};
   std::mutex done_m;
   std::condition_variable done_cv;
   int started = 0;  // workers[0, started) run worker_main
   Worker* workers[kMaxThreads] = {};
 };
+
+constexpr uint64_t kClosed = 1u << 31, kJoined = kClosed - 1;
 
 Pool* g_pool = nullptr;  // replaced in a forked child; null only if that allocation failed
 std::atomic<int> g_threads{1};
@@ -85,9 +92,6 @@ void claim_tasks(Pool* p) {
 
 void worker_main(Pool* p, Worker* w) {
   t_worker = true;
-#ifdef __linux__
-  pthread_setname_np(pthread_self(), "lmxent-worker");
-#endif
   uint64_t seen = 0;
   for (;;) {
     if (!spin_until([&] { return w->gen.load(std::memory_order_acquire) != seen; })) {
@@ -95,8 +99,14 @@ void worker_main(Pool* p, Worker* w) {
       w->cv.wait(l, [&] { return w->gen.load(std::memory_order_acquire) != seen; });
     }
     seen = w->gen.load(std::memory_order_acquire);
+    uint64_t c = p->ctl.load(std::memory_order_acquire);
+    bool joined = false;
+    while ((c >> 32) == (uint32_t)seen && !(c & kClosed) && !joined)
+      joined = p->ctl.compare_exchange_weak(c, c + 1, std::memory_order_acquire);
+    if (!joined) continue;  // too late: the owner has done the work
     claim_tasks(p);
-    if (p->active.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+    c = p->ctl.fetch_sub(1, std::memory_order_acq_rel) - 1;
+    if ((c & kClosed) && !(c & kJoined)) {
       { std::lock_guard<std::mutex> l(p->done_m); }  // the owner is waiting or will see 0
       p->done_cv.notify_one();
     }
@@ -116,7 +126,11 @@ int ensure_workers(Pool* p, int want) {
     Worker* w = new (std::nothrow) Worker;
     if (!w) break;
     try {
-      std::thread(worker_main, p, w).detach();
+      std::thread t(worker_main, p, w);
+#ifdef __linux__
+      pthread_setname_np(t.native_handle(), "lmxent-worker");  // shown by top -H, gdb, /proc
+#endif
+      t.detach();
     } catch (const std::system_error&) {
       delete w;
       break;
@@ -176,8 +190,8 @@ void run_tasks(int ntasks, TaskFn fn, void* ctx) {
   p->ctx = ctx;
   p->ntasks = ntasks;
   p->next.store(0, std::memory_order_relaxed);
-  p->active.store(helpers, std::memory_order_relaxed);
   const uint64_t g = ++p->gen;
+  p->ctl.store((uint64_t)(uint32_t)g << 32, std::memory_order_release);
   for (int i = 0; i < helpers; ++i) {
     Worker* w = p->workers[i];
     {
@@ -187,10 +201,11 @@ void run_tasks(int ntasks, TaskFn fn, void* ctx) {
     w->cv.notify_one();  // no system call when the worker is still spinning
   }
   claim_tasks(p);
-  auto checked_out = [&] { return p->active.load(std::memory_order_acquire) == 0; };
-  if (!spin_until(checked_out)) {
+  p->ctl.fetch_or(kClosed, std::memory_order_acq_rel);
+  auto finished = [&] { return !(p->ctl.load(std::memory_order_acquire) & kJoined); };
+  if (!spin_until(finished)) {
     std::unique_lock<std::mutex> l(p->done_m);
-    p->done_cv.wait(l, checked_out);
+    p->done_cv.wait(l, finished);
   }
   p->busy.store(false, std::memory_order_release);
 }
