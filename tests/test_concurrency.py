@@ -136,6 +136,31 @@ def test_process_pool_executor_fork(tmp_path):
     assert out.split() == ["(2,", "1)"], out
 
 
+def test_fork_while_another_thread_runs_kernels(tmp_path):
+    # The fork lands while the pool is busy with a job of another Python thread.
+    out = run_script(tmp_path, '''
+        import threading
+        parent, _, _ = work()
+        x, _, _ = inputs()
+        stop = threading.Event()
+        def busy():
+            while not stop.is_set():
+                lx.logsumexp(x)
+        th = threading.Thread(target=busy)
+        th.start()
+        statuses = []
+        for _ in range(5):
+            pid = os.fork()
+            if pid == 0:
+                child, n, w = work()
+                os._exit(0 if same(child, parent) and (n, w) == (2, 1) else 1)
+            statuses.append(os.waitpid(pid, 0)[1])
+        stop.set(); th.join()
+        print(*statuses)
+    ''')
+    assert out.split() == ["0"] * 5, out
+
+
 def test_fork_child_with_one_thread(tmp_path):
     out = run_script(tmp_path, '''
         parent, _, _ = work()
