@@ -8,7 +8,7 @@
 // Bytes processed: ops that only read the logits count them once; ops that
 // write a V-sized output count one read and one write, like the memcpy. Google
 // Benchmark prints them as bytes_per_second in units of 2^30 (G/s). Times are
-// wall-clock (UseRealTime): the kernels run on OpenMP threads.
+// wall-clock (UseRealTime): the kernels run on lmxent's thread pool.
 //
 // Build (off by default; needs Google Benchmark, e.g. Debian's libbenchmark-dev):
 //   cmake -S . -B build/bench -G Ninja -DLMXENT_CUDA=OFF -DLMXENT_BENCH=ON
@@ -17,8 +17,8 @@
 // Run (Google Benchmark flags as usual; names are op/dtype/NxV):
 //   build/bench/bench_kernels [--isa=base|avx2|avx512] [--benchmark_filter=4096x32000]
 // The ISA is the one lmxent picks at load time (LMXENT_ISA=name in the
-// environment caps it), or exactly the one given by --isa; OMP_NUM_THREADS sets
-// the threads. Both are printed in the context header.
+// environment caps it), or exactly the one given by --isa; LMXENT_NUM_THREADS
+// (or OMP_NUM_THREADS) sets the threads. Both are printed in the context header.
 // Debian's package warns "Library was built as DEBUG": that is Google Benchmark
 // itself; the kernels are the -O3 per-ISA objects of the Python module.
 //
@@ -33,9 +33,7 @@
 #include <vector>
 
 #include "../../cpp/cpu/kernels.h"
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "../../cpp/cpu/thread_pool.h"
 
 namespace {
 
@@ -95,11 +93,12 @@ Case& get_case(Shape s, DType dt) {
   };
   float* xf = (float*)c->x.data();
   uint16_t* xb = (uint16_t*)c->x.data();
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = (float)(hash(i) >> 40) * (16.0f / (1 << 24)) - 8.0f;
-    if (dt == DType::F32) xf[i] = v; else xb[i] = to_bf16(v);
-  }
+  lmxent::cpu::parallel_tasks(lmxent::cpu::num_threads(), [&](int t, int nt) {
+    for (int64_t i = n * t / nt; i < n * (t + 1) / nt; ++i) {
+      const float v = (float)(hash(i) >> 40) * (16.0f / (1 << 24)) - 8.0f;
+      if (dt == DType::F32) xf[i] = v; else xb[i] = to_bf16(v);
+    }
+  });
   c->targets.resize(s.rows);
   for (int64_t r = 0; r < s.rows; ++r) c->targets[r] = (int64_t)(hash(~r) % (uint64_t)s.cols);
   c->loss.resize(s.rows);
@@ -188,11 +187,7 @@ int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 2;
 
-#ifdef _OPENMP
-  const int threads = omp_get_max_threads();
-#else
-  const int threads = 1;
-#endif
+  const int threads = lmxent::cpu::num_threads();
   benchmark::AddCustomContext("lmxent_isa", lmxent::cpu::active().isa);
   benchmark::AddCustomContext("lmxent_threads", std::to_string(threads));
 

@@ -12,10 +12,8 @@
 
 #include "../cpu/kernels.h"
 #include "../cpu/output_pool.h"
+#include "../cpu/thread_pool.h"
 #include "bf16_dtype.h"
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace py = pybind11;
 using lmxent::DType;
@@ -299,17 +297,13 @@ PYBIND11_MODULE(_cpu, m) {
     for (int i = 0; i < k; ++i) l.append(names[i]);
     return l;
   });
-  m.def("max_threads", [] {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-  });
+  // The process-wide thread count of the kernels; python/lmxent checks the
+  // argument's type and range (1 to thread_limit) before set_num_threads.
+  m.def("max_threads", &lmxent::cpu::num_threads);
+  m.attr("thread_limit") = lmxent::cpu::kMaxThreads;
   m.def("set_num_threads", [](int n) {
-    if (n < 1) fail("num_threads", "must be >= 1");
-#ifdef _OPENMP
-    omp_set_num_threads(n);
-#endif
-  });
+    if (n < 1 || n > lmxent::cpu::kMaxThreads)
+      fail("n", "must be between 1 and " + std::to_string(lmxent::cpu::kMaxThreads));
+    lmxent::cpu::set_num_threads(n);
+  }, py::arg("n"));
 }

@@ -176,8 +176,9 @@ void kl_divergence(const KLArgs& a) {
     const KLOp<T> op{a, (C)a.tr.scale};
     const int64_t rows = a.student.rows;
     const int nt = threads_for(rows * a.student.cols);
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-    for (int64_t r = 0; r < rows; ++r) op.row(r);
+    parallel_rows(rows, nt, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) op.row(r);
+    });
   });
 }
 

@@ -7,21 +7,19 @@
 // exp per element. Pass 2 (softmax output, cross-entropy gradient) reads the
 // row again, from cache when the row fits in L2, and writes the result.
 //
-// Threads: rows are split across OpenMP threads; when there are fewer rows
-// than threads and the rows are long, each row is split across threads and
-// the partial states are merged (lse_merge of the contract). Small inputs run
-// on the calling thread.
+// Threads: rows are split across the tasks of lmxent's thread pool
+// (thread_pool.h); when there are fewer rows than threads and the rows are
+// long, each row is split across tasks and the partial states are merged
+// (lse_merge of the contract). Small inputs run on the calling thread.
 #pragma once
 #include <math.h>
 
 #include <stdlib.h>
 
 #include <type_traits>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "simd.h"
+#include "thread_pool.h"
 
 namespace lmxent {
 namespace cpu {
@@ -29,7 +27,6 @@ inline namespace LMXENT_ISA {
 
 constexpr int64_t kChunk = 2048;        // elements per pass-1 chunk (8 KiB in float)
 constexpr int64_t kMinPerThread = 1 << 15;  // elements below which a thread is not worth it
-constexpr int kMaxThreads = 256;
 
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -412,16 +409,17 @@ inline int64_t split_cols(int64_t cols, int n) {
   return ((cols + n - 1) / n + kChunk - 1) / kChunk * kChunk;
 }
 
+// Tasks for an input of elems elements: the process-wide thread count, fewer
+// when each would get less than kMinPerThread.
 inline int threads_for(int64_t elems) {
-#ifdef _OPENMP
-  int64_t want = elems / kMinPerThread;
-  int64_t most = omp_get_max_threads();
-  if (most > kMaxThreads) most = kMaxThreads;
+  const int64_t want = elems / kMinPerThread, most = num_threads();
   return (int)(want < 1 ? 1 : want > most ? most : want);
-#else
-  (void)elems;
-  return 1;
-#endif
+}
+
+// f(r0, r1) over nt contiguous blocks of the rows, one per task.
+template <class F>
+inline void parallel_rows(int64_t rows, int nt, const F& f) {
+  parallel_tasks(nt, [&](int t, int n) { f(rows * t / n, rows * (t + 1) / n); });
 }
 
 // Runs an op over all rows. An op provides:
@@ -440,43 +438,38 @@ void run_rows(int64_t rows, int64_t cols, const Op& op) {
     Partial parts[kMaxThreads];
     Keep<C> shared = keeps ? scratch_keep<C>(cols) : Keep<C>{nullptr, nullptr};
     const Keep<C>* keep = shared.e ? &shared : nullptr;
+    // The split depends on nt only, so a row's merged state is the same bits
+    // whichever threads run the tasks.
+    const int64_t per = split_cols(cols, nt);
+    auto over_parts = [&](const auto& g) {
+      parallel_tasks(nt, [&](int t, int) {
+        const int64_t c0 = imin(cols, t * per);
+        g(t, c0, imin(cols, c0 + per));
+      });
+    };
     for (int64_t r = 0; r < rows; ++r) {
-      int used = 1;
-#pragma omp parallel num_threads(nt)
-      {
-        const int tid = omp_get_thread_num(), n = omp_get_num_threads();
-        const int64_t per = split_cols(cols, n);
-        const int64_t c0 = imin(cols, tid * per), c1 = imin(cols, c0 + per);
-        parts[tid] = op.partial(r, c0, c1, keep);
-        if (tid == 0) used = n;
-      }
+      over_parts([&](int t, int64_t c0, int64_t c1) { parts[t] = op.partial(r, c0, c1, keep); });
       Partial p = parts[0];
-      for (int i = 1; i < used; ++i) p = merge(p, parts[i]);
+      for (int i = 1; i < nt; ++i) p = merge(p, parts[i]);
       const auto k = op.finish(r, p);
-#pragma omp parallel num_threads(used)
-      {
-        const int tid = omp_get_thread_num(), n = omp_get_num_threads();
-        const int64_t per = split_cols(cols, n);
-        const int64_t c0 = imin(cols, tid * per), c1 = imin(cols, c0 + per);
+      over_parts([&](int, int64_t c0, int64_t c1) {
         op.pass2(r, k, c0, c1, keep);
         stream_fence();
-      }
+      });
       op.after(r, k);
     }
     return;
   }
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
+  parallel_rows(rows, nt, [&](int64_t r0, int64_t r1) {
     Keep<C> mine = keeps ? scratch_keep<C>(cols) : Keep<C>{nullptr, nullptr};
     const Keep<C>* keep = mine.e ? &mine : nullptr;
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = r0; r < r1; ++r) {
       const auto k = op.finish(r, op.partial(r, 0, cols, keep));
       op.pass2(r, k, 0, cols, keep);
       stream_fence();  // after() may store into a streamed line
       op.after(r, k);
     }
-  }
+  });
 }
 
 // Calls f.template operator()<T>() with the storage type of a dtype.
