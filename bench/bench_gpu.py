@@ -119,6 +119,8 @@ def parse_args(argv=None):
     ap.add_argument("--tokens", type=positive_int, help=f"rows (default {TOKENS})")
     ap.add_argument("--head", type=_head, metavar="NxDxV",
                     help=f"LM head size (default {'x'.join(map(str, HEAD))}, bfloat16)")
+    ap.add_argument("--head-dtype", type=_csv(DTYPES, "dtype"), default=("bfloat16",),
+                    metavar="DT", help="the LM head's dtype (default bfloat16)")
     ap.add_argument("--ops", type=_csv(OPS, "op"), metavar="OP,...",
                     help="cases to run: " + ", ".join(OPS) + " (default all)")
     ap.add_argument("--peers", type=_csv(PEERS, "peer"), metavar="PEER,...",
@@ -296,8 +298,10 @@ class Bench:
         return worst <= 1.0
 
     def as_torch(self, a):
-        if a is None or type(a).__module__.split(".")[0] == "torch":
+        if a is None:
             return a
+        if type(a).__module__.split(".")[0] == "torch":
+            return a.detach()
         if a.dtype == np.bool_:  # DLPack bool export is recent: go through uint8
             a = a.astype(np.uint8)
         return self.torch.from_dlpack(a)
@@ -501,7 +505,7 @@ class Bench:
     def lm_head(self):
         cp, torch, F = self.cp, self.torch, self.F
         N, D, V = self.args.head
-        dtname = "bfloat16" if self.bf16 is not None else "float32"
+        dtname = self.args.head_dtype[0]
         dt = self.dtype(dtname)
         h = self.normal((N, D), dt, 1.0, [N, D, V, 3])
         w = self.normal((V, D), dt, 2.0 / math.sqrt(D), [N, D, V, 4])
@@ -630,23 +634,36 @@ class Bench:
         write_json(self.report_obj, self.args.out, "bench_gpu.json")
 
     def summary(self):
-        print(f"\n{SUMMARY_MARK}\n{self.report_obj['gpu']}; copy GB/s per point; "
-              "ms (median); lmxent speedup = peer ms / lmxent ms")
+        """One line per op and point: lmxent's time, GB/s (or TFLOP/s) and share of
+        the copy, then each peer's time over lmxent's ("x1.30": lmxent 1.3x faster);
+        then every row that did not run cleanly."""
+        print(f"\n{SUMMARY_MARK}\n{self.report_obj['gpu']}; ms = median; "
+              "peer: its time / lmxent's (x1.30 = lmxent 1.3x faster)")
+        points = list(dict.fromkeys((r["op"], r.get("dtype"), r["V"]) for r in self.rows
+                                    if r.get("impl") != "-"))
+        for op, dt, V in points:
+            rows = [r for r in self.rows if (r["op"], r.get("dtype"), r["V"]) == (op, dt, V)]
+            if op == "copy":
+                print(f"{'copy':<14}{dt:>9} V={V:<7} {rows[0]['gbs']:6.0f} GB/s")
+                continue
+            parts = []
+            for r in rows:
+                if r["status"] != "ok":
+                    continue
+                mem = f" +{r['extra_bytes'] / 2**30:.1f}GiB" if "extra_bytes" in r else ""
+                if "lmxent_speedup" in r:
+                    parts.append(f"{r['impl']} x{r['lmxent_speedup']:.2f}{mem}")
+                    continue
+                rate = (f"{r['gbs']:.0f} GB/s" + (f" {100 * r['copy_fraction']:.0f}%"
+                                                  if "copy_fraction" in r else "")
+                        if "gbs" in r else f"{r.get('tflops', 0):.0f} TFLOP/s")
+                parts.append(f"{r['impl']} {r['seconds'] * 1e3:.2f}ms {rate}{mem}")
+            print(f"{op:<14}{dt or '':>9} V={V:<7} " + " | ".join(parts))
         for r in self.rows:
-            if r["op"] == "copy":
-                print(f"{r['dtype']:>9} V={r['V']:<7} copy {r['gbs']:.0f} GB/s")
-                continue
             if r["status"] != "ok":
-                print(f"{r['op']:<14}{r.get('dtype', ''):>9} V={r['V']:<7}{r['impl']:<36}"
-                      f"{r['status']}: {str(r.get('detail', r.get('max_error', '')))[:80]}")
-                continue
-            rate = (f"{r['gbs']:6.0f} GB/s" + (f" {100 * r['copy_fraction']:3.0f}%"
-                                               if "copy_fraction" in r else "")
-                    if "gbs" in r else f"{r['tflops']:6.1f} TFLOP/s")
-            sp = f"  x{r['lmxent_speedup']:.2f}" if "lmxent_speedup" in r else ""
-            mem = f"  +{r['extra_bytes'] / 2**30:.2f} GiB" if "extra_bytes" in r else ""
-            print(f"{r['op']:<14}{r.get('dtype', ''):>9} V={r['V']:<7}{r['impl']:<36}"
-                  f"{r['seconds'] * 1e3:9.3f} ms {rate}{sp}{mem}")
+                why = r.get("detail") or f"max error {r.get('max_error')}"
+                print(f"  {r['status']}: {r['op']} {r.get('dtype', '')} V={r['V']} "
+                      f"{r['impl']}: {str(why)[:150]}")
 
 
 # ------------------------------------------------------------------- plot
@@ -673,7 +690,7 @@ def plot(report, path):
     styles = {"bfloat16": "-", "float32": "--"}
     for ax, op in zip(axes, ops):
         for dt, style in styles.items():
-            for impl in impls + ["cupy.copyto"]:
+            for impl in [i for i in impls if i != "cupy.copyto"] + ["cupy.copyto"]:
                 src = "copy" if impl == "cupy.copyto" else op
                 xy = sorted((r["V"], r["gbs"]) for r in rows
                             if r["op"] == src and r["impl"] == impl and r["dtype"] == dt)
@@ -706,7 +723,7 @@ def plan(args):
              f"dtypes {list(args.dtypes)}, ops "
              f"{[op for op in args.ops if op != 'lm_head']}"]
     if "lm_head" in args.ops:
-        lines.append("LM head: {}x{}x{} bfloat16".format(*args.head))
+        lines.append("LM head: {}x{}x{} {}".format(*args.head, args.head_dtype[0]))
     lines.append(f"repeats {args.repeats}, budget {args.budget:.0f} s, out {args.out}")
     return lines
 
@@ -725,6 +742,13 @@ def main(argv=None):
             print(f"  {name}: {'installed' if installed(mods[name]) else 'not installed'}")
         print("dry run: no GPU touched")
         return 0
+    modules = gpu_modules()
+    return 2 if modules is None else run(args, *modules)
+
+
+def gpu_modules():
+    """(cupy, torch) when both run on a GPU and lmxent runs on CuPy arrays; else
+    None, after saying why."""
     try:
         import cupy as cp
         if cp.cuda.runtime.getDeviceCount() < 1:
@@ -732,19 +756,24 @@ def main(argv=None):
         cp.zeros(1).sum()
     except Exception as e:
         print(f"bench_gpu: needs CuPy and a GPU: {type(e).__name__}: {e}")
-        return 2
+        return None
     try:
         lx.logsumexp(cp.zeros((1, 2), cp.float32))
     except TypeError as e:
         print(f"bench_gpu: this lmxent cannot run on CuPy arrays: {e}")
-        return 2
+        return None
     try:
         import torch
         if not torch.cuda.is_available():
             raise RuntimeError("torch has no CUDA")
     except Exception as e:  # the correctness reference needs torch
         print(f"bench_gpu: needs torch with CUDA (the reference): {type(e).__name__}: {e}")
-        return 2
+        return None
+    return cp, torch
+
+
+def run(args, cp, torch):
+    """Every case, in budget order; returns 1 if an lmxent result is wrong or fails."""
     if hasattr(torch, "_dynamo"):
         for knob in ("cache_size_limit", "recompile_limit"):
             if hasattr(torch._dynamo.config, knob):
