@@ -67,6 +67,11 @@ class Skip(Exception):
     """A case or peer that cannot run here; the message says why."""
 
 
+def _seed(parts):
+    """An integer seed from a list of integers (every point draws its own data)."""
+    return int(np.random.SeedSequence(parts).generate_state(1)[0])
+
+
 # ------------------------------------------------------------------ arguments
 
 def _csv(valid, what):
@@ -212,8 +217,14 @@ class Bench:
         return np.dtype(name)
 
     def tensor(self, a):
-        """A torch view of a CuPy array (DLPack, no copy), detached: its own leaf."""
-        return self.torch.from_dlpack(a).detach()
+        """A torch view of a CuPy array (DLPack, no copy), detached: its own leaf.
+        bfloat16 goes through its bits if this CuPy cannot export it."""
+        try:
+            return self.torch.from_dlpack(a).detach()
+        except Exception:
+            if a.dtype != self.bf16:
+                raise
+            return self.torch.from_dlpack(a.view(np.uint16)).view(self.torch.bfloat16)
 
     def free(self):
         self.cp.cuda.Device().synchronize()
@@ -238,7 +249,7 @@ class Bench:
     def normal(self, shape, dtype, scale, seed):
         """Random data made on the device (float32, then cast)."""
         cp = self.cp
-        x = cp.random.default_rng(seed).standard_normal(shape, dtype=cp.float32)
+        x = cp.random.default_rng(_seed(seed)).standard_normal(shape, dtype=cp.float32)
         x *= scale
         return x if dtype == np.float32 else x.astype(dtype)
 
@@ -304,7 +315,7 @@ class Bench:
             return a.detach()
         if a.dtype == np.bool_:  # DLPack bool export is recent: go through uint8
             a = a.astype(np.uint8)
-        return self.torch.from_dlpack(a)
+        return self.tensor(a)
 
     # ---- one implementation of one case
     def run_impl(self, base, impl, make, reference, n, names, moved=0, flops=0, memory=None):
@@ -360,26 +371,26 @@ class Bench:
         return row
 
     # ---- the logits cases
-    def logits_point(self, dtname, V, compiled):
-        """Every requested logits op at (tokens, V, dtype): eager peers, or (compiled)
+    def logits_point(self, dtname, V, compiled, ops):
+        """The logits ops `ops` at (tokens, V, dtype): eager peers, or (compiled)
         torch.compile only."""
-        cp, torch, F, args = self.cp, self.torch, self.F, self.args
+        cp, args = self.cp, self.args
         N, dt = args.tokens, self.dtype(dtname)
-        ops = [op for op in OPS[:-1] if op in args.ops]
-        peers = self.peers
-        if compiled and "torch.compile" not in peers:
+        if compiled and "torch.compile" not in self.peers:
             return
         x = self.normal((N, V), dt, 2.0, [N, V, 0])
-        t = cp.random.default_rng([N, V, 1]).integers(0, V, N, dtype=cp.int64)
+        t = cp.random.default_rng(_seed([N, V, 1])).integers(0, V, N, dtype=cp.int64)
         q = self.normal((N, V), dt, 2.0, [N, V, 2]) if "kl_divergence" in ops else None
         xt, tt = self.tensor(x), self.tensor(t)
         qt = self.tensor(q) if q is not None else None
         base = dict(tokens=N, V=V, dtype=dtname)
         if not compiled:
-            dst = cp.empty_like(x)
-            cp.copyto(dst, x)
-            copy_s, _ = self.timed(lambda: cp.copyto(dst, x))
-            del dst
+            # the same bytes as unsigned integers: a plain copy whatever CuPy does for bf16
+            src = x.view({2: np.uint16, 4: np.uint32}[x.itemsize])
+            dst = cp.empty_like(src)
+            cp.copyto(dst, src)
+            copy_s, _ = self.timed(lambda: cp.copyto(dst, src))
+            del dst, src
             base["copy_gbs"] = 2 * x.nbytes / copy_s / 1e9
             self.rows.append(dict(base, op="copy", impl="cupy.copyto", status="ok",
                                   seconds=copy_s, gbs=base["copy_gbs"]))
@@ -437,6 +448,15 @@ class Bench:
             impls["lmxent"] = lambda: lambda: lx.cross_entropy_with_grad(x, t)
             impls["lmxent inplace"] = lmx_inplace(
                 lambda buf: lx.cross_entropy_with_grad(buf, t, inplace=True))
+
+            def deferred():  # no host round trip for the class-id check
+                previous = lx.set_cuda_validation("deferred")
+                try:
+                    return lx.cross_entropy_with_grad(x, t)
+                finally:
+                    lx.set_cuda_validation(previous)
+            if hasattr(lx, "set_cuda_validation"):
+                impls["lmxent deferred"] = lambda: deferred
             torch_impl = (grad_of, lambda a, b: F.cross_entropy(a, b), (xt, tt))
             if "liger" in peers:
                 liger = peers["liger"].LigerCrossEntropyLoss()
@@ -500,6 +520,7 @@ class Bench:
             if name == "torch.compile" and "first_call_s" in row:
                 row["compile_and_first_call_s"] = row.pop("first_call_s")
             self.report(row)
+            self.free()  # the next one gets the memory (CuPy's pool and torch's cache)
 
     # ---- the LM head
     def lm_head(self):
@@ -509,7 +530,7 @@ class Bench:
         dt = self.dtype(dtname)
         h = self.normal((N, D), dt, 1.0, [N, D, V, 3])
         w = self.normal((V, D), dt, 2.0 / math.sqrt(D), [N, D, V, 4])
-        t = cp.random.default_rng([N, D, V, 1]).integers(0, V, N, dtype=cp.int64)
+        t = cp.random.default_rng(_seed([N, D, V, 1])).integers(0, V, N, dtype=cp.int64)
         ht, wt, tt = self.tensor(h), self.tensor(w), self.tensor(t)
         w32 = wt.float()
         flops = 6 * N * D * V
@@ -519,18 +540,30 @@ class Bench:
 
         cache = {}
 
-        def reference(sl):  # computed once for all implementations (seconds in float32)
-            if sl.start not in cache:
-                cache[sl.start] = head_reference(sl)
-            return cache[sl.start]
+        def reference(sl):
+            """Computed once for all implementations (seconds in float32); the summed
+            outputs (loss, d_weight) are given whole with the first chunk."""
+            if not cache:
+                cache.update(head_reference())
+            first = sl.start == 0
+            return (cache["loss"] if first else None, cache["d_hidden"][sl],
+                    cache["d_weight"] if first else None)
 
-        def head_reference(sl):
-            h32 = ht[sl].float()
-            z = h32 @ w32.T
-            g = torch.softmax(z, -1)
-            g[torch.arange(g.shape[0], device=g.device), tt[sl]] -= 1.0
-            g /= N
-            return F.cross_entropy(z, tt[sl], reduction="sum") / N, g @ w32, g.T @ h32
+        def head_reference():
+            loss = torch.zeros((), dtype=torch.float64, device=ht.device)
+            dh = torch.empty((N, D), dtype=torch.float32, device=ht.device)
+            dw = torch.zeros((V, D), dtype=torch.float32, device=ht.device)
+            for s in range(0, N, REF_ROWS):
+                sl = slice(s, min(s + REF_ROWS, N))
+                h32 = ht[sl].float()
+                z = h32 @ w32.T
+                g = torch.softmax(z, -1)
+                g[torch.arange(g.shape[0], device=g.device), tt[sl]] -= 1.0
+                g /= N
+                loss += F.cross_entropy(z, tt[sl], reduction="sum").double() / N
+                dh[sl] = g @ w32
+                dw += g.T @ h32
+            return dict(loss=loss, d_hidden=dh, d_weight=dw)
 
         def lmx():
             def call():
@@ -794,16 +827,18 @@ def run(args, cp, torch):
     print("peers: " + ", ".join(b.peers) + "".join(
         f"\n  skipped {n}: {why}" for n, why in skipped.items()))
     points = [(dt, V) for dt in args.dtypes for V in args.vocab]
-    logits_ops = [op for op in args.ops if op != "lm_head"]
+    logits_ops = [op for op in OPS[:-1] if op in args.ops]
     try:
         if logits_ops:
             for dt, V in points:
-                guarded(b, f"{dt} V={V}", lambda: b.logits_point(dt, V, False))
+                guarded(b, f"{dt} V={V}", lambda: b.logits_point(dt, V, False, logits_ops))
         if "lm_head" in args.ops:
             guarded(b, "lm_head", b.lm_head)
-        if logits_ops and "torch.compile" in b.peers:
-            for dt, V in points:
-                guarded(b, f"{dt} V={V} torch.compile", lambda: b.logits_point(dt, V, True))
+        if "torch.compile" in b.peers:  # the fused loss first: the issue's target
+            for op in logits_ops:
+                for dt, V in points:
+                    guarded(b, f"{op} {dt} V={V} torch.compile",
+                            lambda: b.logits_point(dt, V, True, [op]))
     finally:
         b.save()
         b.summary()

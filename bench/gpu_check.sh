@@ -256,6 +256,14 @@ counts() {
   done
 }
 
+# device_skips LABEL: after a pytest step, a FAIL if its real-CuPy cases skipped for
+# want of CuPy, a GPU or the CUDA build (a run of skips must not read as a pass)
+device_skips() {
+  local why
+  why=$(grep -m 1 -oE 'SKIPPED .*(CuPy unusable|no GPU|without the CUDA backend).*' "$OUTF")
+  [[ -n $why ]] && record "$1" FAIL "device cases skipped: ${why:0:140}" 1
+}
+
 pytest_cmd() {
   PYTEST=("$PY" -m pytest -p no:cacheprovider -q -rfEs --tb=short)
   "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout=150)
@@ -289,11 +297,13 @@ sanitize() {
     out="$TMP/san_$tool.out"
     { echo "===== compute-sanitizer $tool (rc $rc)"; head -c "$LOG_CAP" "$out"; echo; } >>"$OUTDIR/sanitizer.log"
     n=$(grep -oE 'ERROR SUMMARY: [0-9]+' "$out" | tail -n 1 | grep -oE '[0-9]+$')
-    local tests; tests=$(grep -E 'passed|failed|no tests ran' "$out" | tail -n 1 | tr -d '=')
+    local tests; tests=$(grep -E '(passed|failed|skipped|error|no tests ran).* in [0-9.]+s' "$out" | tail -n 1 | tr -d '=')
     if grep -qiE 'device not supported|error 999' "$out"; then
       record "sanitizer $tool" UNAVAILABLE "refuses the device"
     elif [[ $rc == 124 || $rc == 137 ]]; then
       record "sanitizer $tool" TIMEOUT "after ${limit}s: ${tests}" 1
+    elif grep -qE 'SKIPPED .*(CuPy unusable|no GPU|without the CUDA backend)' "$out"; then
+      record "sanitizer $tool" FAIL "its device cases skipped: $tests" 1
     elif [[ $rc == 0 && ${n:-0} == 0 ]]; then
       record "sanitizer $tool" PASS "0 findings; $tests"
     else
@@ -318,6 +328,7 @@ correctness() {
   step "device tests (tests/test_cuda.py, real CuPy)" 240 tests.log 1 "${PYTEST[@]}" tests/test_cuda.py -k "$K_DEVICE"
   grep -E 'passed|failed|skipped' "$OUTF" | tail -n 1 | sed 's/^/      /'
   grep -E '^SKIPPED' "$OUTF" | head -n 5 | sed 's/^/      /'
+  device_skips "device tests: real CuPy cases ran"
   run "> 2^31 elements (tests/test_cuda.py)" 120 tests.log "${PYTEST[@]}" tests/test_cuda.py -k "$K_LARGE"
   case $RC in
     0) record "> 2^31 elements (tests/test_cuda.py)" PASS "${SPENT}s" ;;
@@ -328,6 +339,7 @@ correctness() {
   step "> 2^31 elements (bench/gpu_checks.py large)" 120 tests.log 1 "$PY" bench/gpu_checks.py large
   step "streams: CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1" 150 tests.log 1 \
     env CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1 "${PYTEST[@]}" tests/test_cuda.py -k "$K_STREAMS"
+  device_skips "streams: real CuPy cases ran"
   step "bitwise repeat / in place / non-blocking stream" 120 tests.log 1 "$PY" bench/gpu_checks.py repeat
   step "bitwise repeat, per-thread default stream" 120 tests.log 1 \
     env CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1 "$PY" bench/gpu_checks.py repeat
@@ -345,7 +357,7 @@ bench() {
   fi
   ((BUILT)) || { record "bench tier" SKIP "no working build"; return; }
   local l; l=$(left)
-  local limit=$((l - 15 < 280 ? l - 15 : 280))
+  local limit=$((l - 15 < 210 ? l - 15 : 210))
   # the script stops starting cases 40 s before its limit, so it writes its JSON itself
   step "GPU benchmark (bench/bench_gpu.py)" "$limit" bench_gpu.log 1 "$PY" bench/bench_gpu.py \
     --out "$OUTDIR" --budget $((limit > 80 ? limit - 40 : 40)) "${extra[@]}"
