@@ -127,7 +127,7 @@ environment() {
     echo "GPU: nvidia-smi not found"
   fi
   if command -v nvcc >/dev/null; then nvcc --version | tail -n 2 | tr '\n' ' ' | sed 's/^/nvcc: /'; echo; else echo "nvcc: not found"; fi
-  if command -v compute-sanitizer >/dev/null; then compute-sanitizer --version 2>&1 | sed -n '2p;3p' | tr '\n' ' ' | sed 's/^/compute-sanitizer: /'; echo; else echo "compute-sanitizer: not found"; fi
+  if command -v compute-sanitizer >/dev/null; then compute-sanitizer --version 2>&1 | grep -m 1 -i version | sed 's/^/compute-sanitizer: /'; else echo "compute-sanitizer: not found"; fi
   timeout 60 "$PY" - <<'EOF' 2>&1
 import importlib, importlib.metadata as md, sys
 print("python", sys.version.split()[0], sys.executable)

@@ -156,7 +156,7 @@ def _fake_cupy():
     return types.SimpleNamespace(
         __version__="stand-in", float32=np.float32, float64=np.float64, int64=np.int64,
         uint8=np.uint8, random=types.SimpleNamespace(default_rng=np.random.default_rng),
-        empty_like=np.empty_like, copyto=np.copyto,
+        empty=np.empty, empty_like=np.empty_like, copyto=np.copyto,
         get_default_memory_pool=lambda: types.SimpleNamespace(free_all_blocks=noop,
                                                               total_bytes=lambda: 0),
         cuda=types.SimpleNamespace(
