@@ -325,8 +325,9 @@ class Bench:
 
     # ---- one implementation of one case
     def run_impl(self, base, impl, make, reference, n, names, moved=0, flops=0, memory=None):
-        """make() -> (call, compile?) ; call() -> outputs in `names` order. Checked,
-        then timed; the row is recorded whatever happens."""
+        """make() -> call; call() -> the outputs in `names` order. Checked against
+        reference (None: not checked), then timed; the row is recorded whatever
+        happens. memory: "cupy" or "torch", whose allocations the first call counts."""
         row = dict(base, impl=impl)
         self.rows.append(row)
         if self.left() <= 0:
@@ -351,6 +352,8 @@ class Bench:
             elif memory == "cupy":
                 row["extra_bytes"] = self.pool.total_bytes() - before
             row["first_call_s"] = time.monotonic() - t0
+            if reference is not None and len(out) != len(names):
+                raise ValueError(f"{len(out)} outputs, expected {len(names)} ({names})")
             ok = reference is None or self.check(row, out, reference, n, names)
             if reference is None:
                 row["unchecked"] = "not the op's result (a floor to compare with)"
