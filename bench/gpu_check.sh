@@ -51,7 +51,9 @@ while (($#)); do
 done
 [[ -n $OUTDIR ]] || die "OUTDIR is missing"
 case $TIER in correctness|bench|all) ;; *) die "--tier must be correctness, bench or all, got '$TIER'" ;; esac
-[[ $BUDGET =~ ^[0-9]+$ ]] && ((BUDGET >= 60)) || die "--budget must be a whole number of seconds >= 60, got '$BUDGET'"
+if ! [[ $BUDGET =~ ^[0-9]+$ ]] || ((BUDGET < 60)); then
+  die "--budget must be a whole number of seconds >= 60, got '$BUDGET'"
+fi
 if [[ -n $WHEELS && ! -d $WHEELS ]]; then die "--wheels: '$WHEELS' is not a directory"; fi
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -164,7 +166,7 @@ install_wheels() {
     echo "  peer wheels: $WHEELS holds no .whl files"
     return
   fi
-  echo "  peer wheels in $WHEELS: $(cd "$WHEELS" && ls ./*.whl | sed 's|^\./||' | tr '\n' ' ')"
+  echo "  peer wheels in $WHEELS: ${files[*]##*/}"
   if ((DRY)); then
     record "peer wheels" DRY "would install ${#files[@]} wheel(s) with --no-index into a private target"
     return
