@@ -159,10 +159,11 @@ def report(family, rc, log):
     if not done:  # died: the last RUN line names the test and seed it was running
         print(f"[{family}] CRASH (exit status {rc}) after {max(len(runs) - 1, 0)} runs; "
               f"log: {log.name}")
-        print("\n".join("    " + ln for ln in lines[-40:] if not ln.startswith("RUN ")))
+        last = max((i for i, ln in enumerate(lines) if ln.startswith("RUN ")), default=-1)
+        print("\n".join("    " + ln for ln in lines[last + 1:last + 41]))
         if runs:
             _, name, seed = runs[-1]
-            print(f"  reproduce: python {me} --replay {name} {seed}")
+            print(f"  reproduce (in the same environment): python {me} --replay {name} {seed}")
         return 1
     n, nfail = int(done[-1][1]), int(done[-1][2])
     print(f"[{family}] {n} runs x {EXAMPLES_PER_RUN} examples, {nfail} failed; log: {log.name}")
