@@ -86,11 +86,20 @@ struct CEOp {
     }
     const LseSplit<C> ls(k.lse);
     const C A = (C)k.A, rs = (C)k.rs;
-    row_map(x(r), g, c0, c1, [&](V<C> xv, int64_t j, int64_t n) {
-      V<C> z = tr(xv);
-      V<C> t = n == Vec<C>::W ? sp.vec(j) : sp.part(j, n);
-      return (A * vexp_neg(ls.sub(z)) - t) * tr.slope(z) * rs;
-    }, stream);
+    // z - lse <= 0 with our own LSE; a caller's saved one may be smaller than
+    // the row's max (then exp may overflow): the exp for any argument.
+    auto emit = [&](auto any_sign) {
+      row_map(x(r), g, c0, c1, [&](V<C> xv, int64_t j, int64_t n) {
+        V<C> z = tr(xv), d = ls.sub(z);
+        V<C> t = n == Vec<C>::W ? sp.vec(j) : sp.part(j, n);
+        V<C> p = decltype(any_sign)::value ? vexp<C>(d) : vexp_neg(d);
+        return (A * p - t) * tr.slope(z) * rs;
+      }, stream);
+    };
+    if (a.lse_given)
+      emit(std::true_type());
+    else
+      emit(std::false_type());
   }
 
   // The target element, from the logit saved before pass 2 (which may have

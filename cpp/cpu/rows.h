@@ -396,14 +396,17 @@ inline Keep<C> scratch_keep(int64_t cols) {
     ~Buf() { free(p); }
   };
   static thread_local Buf buf;
+  // Each section starts on a 64-byte line: the doubles after an odd number
+  // of floats would otherwise be misaligned (undefined behaviour).
+  auto line = [](size_t bytes) { return (bytes + 63) / 64 * 64; };
   const int64_t ne = cols + kChunk, nm = (cols >> kChunkShift) + 2;
-  const size_t need = (ne * sizeof(C) + nm * sizeof(double) + 63) / 64 * 64;
+  const size_t e_bytes = line(ne * sizeof(C)), need = e_bytes + line(nm * sizeof(double));
   if (buf.n < need) {
     free(buf.p);
     buf.p = aligned_alloc(64, need);
     buf.n = buf.p ? need : 0;
   }
-  return {(C*)buf.p, (double*)((C*)buf.p + ne)};
+  return {(C*)buf.p, (double*)((char*)buf.p + e_bytes)};
 }
 
 // Columns per thread when a row is split: whole chunks (the kept chunk

@@ -245,6 +245,29 @@ template <class C> constexpr C kLog2e = (C)1.4426950408889634073599;
 inline V<float> vexp_neg(V<float> x) { return vexp2_neg<float>(x * kLog2e<float>); }
 inline V<double> vexp_neg(V<double> x) { return vexp2_neg<double>(x * kLog2e<double>); }
 
+// 2^y for any y, the same on every instruction set: y is clamped to
+// [lo, hi] (beyond them the result is 0 or +inf anyway) and 2^n is applied in
+// two exact halves, so results between the largest finite value and overflow,
+// and gradual underflow, are rounded once, as vscalef does. Not on the hot
+// paths: only where an argument may be positive (a caller's saved LSE).
+template <class C>
+inline V<C> vexp2(V<C> y) {
+  typedef Exp2Neg<C> K;
+  constexpr C lo = sizeof(C) == 4 ? (C)-151 : (C)-1076, hi = sizeof(C) == 4 ? (C)129 : (C)1025;
+  V<C> yc = y < lo ? splat<C>(lo) : y;
+  yc = yc > hi ? splat<C>(hi) : yc;  // NaN compares false: kept
+  V<C> n = (yc + K::magic) - K::magic;
+  V<C> p = K::frac(yc - n);
+  typedef VI<C> I;
+  constexpr int shift = sizeof(C) == 4 ? 23 : 52, bias = sizeof(C) == 4 ? 127 : 1023;
+  // (NaN lanes convert a 0 instead; p carries their NaN)
+  I ni = __builtin_convertvector(n == n ? n : V<C>{}, I), half = ni >> 1;
+  V<C> a = (V<C>)((half + bias) << shift), b = (V<C>)((ni - half + bias) << shift);
+  return p * a * b;
+}
+template <class C>
+inline V<C> vexp(V<C> x) { return vexp2<C>(x * kLog2e<C>); }
+
 // log(1 + y) for y in [0, 1] (the softplus tail log1p(exp(-|d|))): with
 // s = y / (2 + y) in [0, 1/3], log(1 + y) = 2 atanh(s) = 2 s sum_k s^2k / (2k + 1),
 // K terms so that the first one left out, (1/9)^K / (2K + 1), is below half an ulp.
