@@ -405,8 +405,12 @@ struct ShiftV {
   C M;
   Factor<C> kz;
   LseSplit<C> L;
-  ShiftV(const RowShift& r, double kz) : M((C)r.M), kz(kz), L(r.L) {}
-  V<C> sub(V<C> u) const { return L.sub(kz(u - M)); }
+  bool L_inf;  // a caller's LSE of +inf: p = 0 for any finite z, which kz u may not be in C
+  ShiftV(const RowShift& r, double kz) : M((C)r.M), kz(kz), L(r.L), L_inf(r.L == (double)INFINITY) {}
+  V<C> sub(V<C> u) const {
+    if (L_inf) return vselect<C>(u == (C)INFINITY, splat<C>((C)NAN), splat<C>(-(C)INFINITY));
+    return L.sub(kz(u - M));
+  }
 };
 
 // Pass 2 may use the kept exps only for a finite LSE: with +inf (or NaN)
