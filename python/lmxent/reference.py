@@ -32,18 +32,22 @@ def _check_temperature(temperature):
 
 
 def _log_softmax_lse(u, k, axis=-1):
-    """(log softmax, lse) of z = k * u along `axis` (keepdims), relative to the max m
-    of u: z - lse = k (u - m) - log sum exp(k (u - m)), exact for any k > 0 (z and
-    lse themselves may overflow; k (u - m) only to -inf, a probability of 0)."""
+    """(log softmax, lse) of z = k * u along `axis` (keepdims): z - lse, with
+    lse = m + log sum exp(z - m) for m the max of z; where k m is huge (a temperature
+    or scale far from 1) relative to the max of u instead,
+    k (u - m) - log sum exp(k (u - m)), exact for any k > 0 (z and lse themselves may
+    overflow; k (u - m) only to -inf, a probability of 0)."""
     u = np.asarray(u, dtype=np.float64)
     m = np.max(u, axis=axis, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)  # all -inf row -> -inf; +inf -> inf; NaN stays
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-        d = k * (u - m)
-        d = np.where(u == m, 0.0, d)  # k (u - m) is 0 at the max, even for k = inf
+        km = np.where(m == 0, 0.0, k * m)
+        z = k * u
+        lse = km + np.log(np.sum(np.exp(z - km), axis=axis, keepdims=True))
+        d = np.where(u == m, 0.0, k * (u - m))  # k (u - m) is 0 at the max, even for k = inf
         ls = np.log(np.sum(np.exp(d), axis=axis, keepdims=True))
-        lse = np.where(m == 0, 0.0, k * m) + ls
-    return d - ls, lse
+        huge = np.abs(km) > 2.0**20  # z - lse would lose log sum to z's rounding
+        return np.where(huge, d - ls, z - lse), np.where(huge, km + ls, lse)
 
 
 def logsumexp(x, axis=-1, *, keepdims=False, temperature=1.0):
