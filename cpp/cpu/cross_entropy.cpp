@@ -94,6 +94,7 @@ struct CEOp {
     }
     const ShiftV<C> sh(k.sh, tr.kz);
     const Factor<C> A(k.A * k.rs), rs(k.rs);
+    const auto tr = this->tr;  // a local copy: the gradient stores could alias it
     // z - lse <= 0 with our own LSE; a caller's saved one may be smaller than
     // the row's max (then exp may overflow): the exp for any argument.
     auto emit = [&](auto any_sign) {

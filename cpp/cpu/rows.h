@@ -233,7 +233,7 @@ inline V<C> weighted(V<C> e, V<C> d) {
 }
 
 template <class T, class TR, class S, bool Stats = false>
-Partial row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr, const S& sp,
+Partial row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr_in, const S& sp,
                     const Keep<typename Compute<T>::type>* keep,
                     const RankOf<typename Compute<T>::type>* rank = nullptr) {
   typedef typename Compute<T>::type C;
@@ -243,7 +243,9 @@ Partial row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr, const S& s
   constexpr bool kBuf = TR::kTransforms || !std::is_same<T, C>::value;
   alignas(64) C buf[kBuf ? kChunk : W];
   const V<C> ninf = splat<C>(-(C)INFINITY), lanes = lane_index<C>();
-  const Factor<C>& k = tr.k;
+  // local copies: the buffer stores could alias their members
+  const TR tr = tr_in;
+  const Factor<C> k = tr.k;
   Partial acc = partial_empty();
   for (int64_t b = c0; b < c1; b += kChunk) {
     const int64_t n = imin(kChunk, c1 - b), nv = n - n % W;

@@ -247,9 +247,9 @@ inline V<double> vexp_neg(V<double> x) { return vexp2_neg<double>(x * kLog2e<dou
 
 // 2^y for any y, the same on every instruction set: y is clamped to
 // [lo, hi] (beyond them the result is 0 or +inf anyway) and 2^n is applied in
-// two exact halves, so results between the largest finite value and overflow,
-// and gradual underflow, are rounded once, as vscalef does. Not on the hot
-// paths: only where an argument may be positive (a caller's saved LSE).
+// two exact halves (vscalef on AVX-512), so results between the largest
+// finite value and overflow, and gradual underflow, are rounded once. Only
+// where an argument may be positive (a caller's saved LSE).
 template <class C>
 inline V<C> vexp2(V<C> y) {
   typedef Exp2Neg<C> K;
@@ -258,6 +258,12 @@ inline V<C> vexp2(V<C> y) {
   yc = yc > hi ? splat<C>(hi) : yc;  // NaN compares false: kept
   V<C> n = (yc + K::magic) - K::magic;
   V<C> p = K::frac(yc - n);
+#if LMXENT_VBYTES == 64
+  if constexpr (sizeof(C) == 4)
+    return (V<C>)_mm512_scalef_ps((__m512)p, (__m512)n);
+  else
+    return (V<C>)_mm512_scalef_pd((__m512d)p, (__m512d)n);
+#endif
   typedef VI<C> I;
   constexpr int shift = sizeof(C) == 4 ? 23 : 52, bias = sizeof(C) == 4 ? 127 : 1023;
   // (NaN lanes convert a 0 instead; p carries their NaN)
