@@ -97,19 +97,28 @@ struct CEOp {
     const auto tr = this->tr;  // a local copy: the gradient stores could alias it
     // z - lse <= 0 with our own LSE; a caller's saved one may be smaller than
     // the row's max (then exp may overflow): the exp for any argument.
-    auto emit = [&](auto any_sign) {
+    // Wide: some factor is outside C's comfortable range (checked per row, not per vector)
+    auto emit = [&](auto any_sign, auto wide) {
+      constexpr bool Wd = decltype(wide)::value;
       row_map(x(r), g, c0, c1, [&](V<C> xv, int64_t j, int64_t n) {
-        V<C> th, u = tr.pre(xv, &th), d = sh.sub(u);
+        V<C> th, u = tr.pre(xv, &th), d = sh.template sub<Wd>(u);
         V<C> p = decltype(any_sign)::value ? vexp<C>(d) : vexp_neg(d);
-        if (!S::active) return tr.times_slope(A(p), th);
+        if (!S::active) return tr.template times_slope<Wd>(A.template mul<Wd>(p), th);
         V<C> t = n == Vec<C>::W ? sp.vec(j) : sp.part(j, n);
-        return tr.times_slope(A(p) - rs(t), th);
+        return tr.template times_slope<Wd>(A.template mul<Wd>(p) - rs.template mul<Wd>(t), th);
       }, stream);
     };
+    const bool wide = sh.wide() || A.wide || rs.wide || tr.wide();
+    auto by_range = [&](auto any_sign) {
+      if (wide)
+        emit(any_sign, std::true_type());
+      else
+        emit(any_sign, std::false_type());
+    };
     if (a.lse_given)
-      emit(std::true_type());
+      by_range(std::true_type());
     else
-      emit(std::false_type());
+      by_range(std::false_type());
   }
 
   // The target element, from the logit saved before pass 2 (which may have

@@ -83,6 +83,9 @@ struct Factor {
     lo2 = (C)ldexp(1.0, e2);
   }
   V<C> operator()(V<C> v) const { return wide ? v * hi * lo1 * lo2 : v * hi; }
+  // the same, with the range handling only when Wide (a loop picks it once)
+  template <bool Wide>
+  V<C> mul(V<C> v) const { return Wide ? (*this)(v) : v * hi; }
 };
 
 // The element transform of the contract, vectorised. SC: softcap on.
@@ -110,6 +113,7 @@ struct Tr {
     if (!SC) return x;
     const V<C> y = w(x), t = vtanh<C>(y);
     if (th) *th = t;
+    if (!w.wide && !cap.wide) return t * cap.hi;
     // where tanh(y) rounds to y, z = s x: exact also where y underflowed
     const C tiny = sizeof(C) == 4 ? (C)0x1p-12 : (C)0x1p-27;
     return vselect<C>((y < 0 ? -y : y) < tiny, scale(x), cap(t));
@@ -117,7 +121,11 @@ struct Tr {
   // u of one element, in double (exact without a softcap)
   double one_u(C x) const { return SC ? (double)pre(splat<C>(x))[0] : (double)x; }
   // v dz/dx: v s, times 1 - th^2 under a softcap
-  V<C> times_slope(V<C> v, V<C> th) const { return SC ? scale(v * ((C)1 - th * th)) : scale(v); }
+  template <bool Wide = true>
+  V<C> times_slope(V<C> v, V<C> th) const {
+    return scale.template mul<Wide>(SC ? v * ((C)1 - th * th) : v);
+  }
+  bool wide() const { return scale.wide; }
   double slope_one(double x) const {
     if (!SC) return s;
     const double t = ::tanh(s * x / cap_d);
@@ -409,9 +417,11 @@ struct ShiftV {
   LseSplit<C> L;
   bool L_inf;  // a caller's LSE of +inf: p = 0 for any finite z, which kz u may not be in C
   ShiftV(const RowShift& r, double kz) : M((C)r.M), kz(kz), L(r.L), L_inf(r.L == (double)INFINITY) {}
+  bool wide() const { return kz.wide || L_inf; }
+  template <bool Wide = true>
   V<C> sub(V<C> u) const {
-    if (L_inf) return vselect<C>(u == (C)INFINITY, splat<C>((C)NAN), splat<C>(-(C)INFINITY));
-    return L.sub(kz(u - M));
+    if (Wide && L_inf) return vselect<C>(u == (C)INFINITY, splat<C>((C)NAN), splat<C>(-(C)INFINITY));
+    return L.sub(kz.template mul<Wide>(u - M));
   }
 };
 

@@ -245,31 +245,34 @@ template <class C> constexpr C kLog2e = (C)1.4426950408889634073599;
 inline V<float> vexp_neg(V<float> x) { return vexp2_neg<float>(x * kLog2e<float>); }
 inline V<double> vexp_neg(V<double> x) { return vexp2_neg<double>(x * kLog2e<double>); }
 
-// 2^y for any y, the same on every instruction set: y is clamped to
-// [lo, hi] (beyond them the result is 0 or +inf anyway) and 2^n is applied in
-// two exact halves (vscalef on AVX-512), so results between the largest
-// finite value and overflow, and gradual underflow, are rounded once. Only
-// where an argument may be positive (a caller's saved LSE).
+// 2^y for any y: overflow gives +inf on every instruction set (vexp2_neg
+// builds 2^n from exponent bits with no upper bound). y is clamped to
+// [lo, hi] (beyond them the result is 0 or +inf anyway); without AVX-512 2^n
+// is built as 2^(n - 1) * 2, so that n at the overflow threshold still has a
+// finite exponent field (results below 2^-125 are 0, as vexp2_neg's below
+// 2^-126). Only where an argument may be positive (a caller's saved LSE).
 template <class C>
 inline V<C> vexp2(V<C> y) {
   typedef Exp2Neg<C> K;
-  constexpr C lo = sizeof(C) == 4 ? (C)-151 : (C)-1076, hi = sizeof(C) == 4 ? (C)129 : (C)1025;
-  V<C> yc = y < lo ? splat<C>(lo) : y;
-  yc = yc > hi ? splat<C>(hi) : yc;  // NaN compares false: kept
+  constexpr C hi = sizeof(C) == 4 ? (C)128.5 : (C)1024.5;
+  constexpr C lo = LMXENT_VBYTES == 64 ? K::lo : sizeof(C) == 4 ? (C)-125 : (C)-1021;
+  V<C> yc = y > hi ? splat<C>(hi) : y;  // NaN compares false: kept
+  yc = yc < lo ? splat<C>(lo) : yc;
+#if LMXENT_VBYTES == 64
   V<C> n = (yc + K::magic) - K::magic;
   V<C> p = K::frac(yc - n);
-#if LMXENT_VBYTES == 64
   if constexpr (sizeof(C) == 4)
     return (V<C>)_mm512_scalef_ps((__m512)p, (__m512)n);
   else
     return (V<C>)_mm512_scalef_pd((__m512d)p, (__m512d)n);
+#else
+  const C magic = K::magic - (C)1;  // leaves n - 1 + bias in the low bits
+  V<C> t = yc + magic;
+  V<C> n = t - magic;
+  V<C> p = K::frac(yc - n);
+  V<C> r = p * (V<C>)((VI<C>)t << (sizeof(C) == 4 ? 23 : 52)) * (C)2;
+  return y < lo ? V<C>{} : r;
 #endif
-  typedef VI<C> I;
-  constexpr int shift = sizeof(C) == 4 ? 23 : 52, bias = sizeof(C) == 4 ? 127 : 1023;
-  // (NaN lanes convert a 0 instead; p carries their NaN)
-  I ni = __builtin_convertvector(n == n ? n : V<C>{}, I), half = ni >> 1;
-  V<C> a = (V<C>)((half + bias) << shift), b = (V<C>)((ni - half + bias) << shift);
-  return p * a * b;
 }
 template <class C>
 inline V<C> vexp(V<C> x) { return vexp2<C>(x * kLog2e<C>); }

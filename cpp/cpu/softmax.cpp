@@ -40,10 +40,16 @@ struct SoftmaxOp {
       return;
     }
     const ShiftV<C> sh(k.sh, tr.kz);
-    row_map(x(r), out, c0, c1, [&](V<C> xv, int64_t, int64_t) {
-      V<C> z = sh.sub(xv);
-      return Log ? z : vexp_neg(z);
-    }, stream);
+    auto emit = [&](auto wide) {  // the range handling only where a factor needs it
+      row_map(x(r), out, c0, c1, [&](V<C> xv, int64_t, int64_t) {
+        V<C> z = sh.template sub<decltype(wide)::value>(xv);
+        return Log ? z : vexp_neg(z);
+      }, stream);
+    };
+    if (sh.wide())
+      emit(std::true_type());
+    else
+      emit(std::false_type());
   }
   void after(int64_t, const Row&) const {}
 };
