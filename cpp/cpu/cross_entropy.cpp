@@ -101,7 +101,9 @@ struct CEOp {
     auto emit = [&](auto any_sign, auto wide) {
       constexpr bool Wd = decltype(wide)::value;
       row_map(x(r), g, c0, c1, [&](V<C> xv, int64_t j, int64_t n) {
-        V<C> th, u = tr.pre(xv, &th), d = sh.template sub<Wd>(u);
+        V<C> th, u = tr.pre(xv, &th);
+        // a caller's LSE: M = 0, z - lse directly (one subtraction less)
+        V<C> d = decltype(any_sign)::value && !Wd ? sh.L.sub(u * sh.kz.hi) : sh.template sub<Wd>(u);
         V<C> p = decltype(any_sign)::value ? vexp<C>(d) : vexp_neg(d);
         if (!S::active) return tr.template times_slope<Wd>(A.template mul<Wd>(p), th);
         V<C> t = n == Vec<C>::W ? sp.vec(j) : sp.part(j, n);

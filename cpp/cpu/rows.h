@@ -310,14 +310,15 @@ Partial row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr_in, const S
     C* e = keep ? keep->e + b : nullptr;
     // The exps of the whole vectors; their range checks are skipped when the
     // chunk's smallest value cannot underflow (no -inf, no NaN).
-    auto exps = [&](auto clamp) {
-      constexpr bool kClamp = decltype(clamp)::value;
+    // Wide: the scale is outside C's comfortable range (clamped mode only)
+    auto exps = [&](auto clamp, auto wide) {
+      constexpr bool kClamp = decltype(clamp)::value, kWide = decltype(wide)::value;
       int64_t i = 0;
       for (; i + 2 * W <= nv; i += 2 * W) {
         prefetch_lines<2 * W * sizeof(T)>((uintptr_t)(xb + i) + kChunk * sizeof(T));
         const V<C> u0 = u_at(i), u1 = u_at(i + W), d0 = u0 - mx, d1 = u1 - mx;
-        V<C> e0 = vexp2_neg<C, kClamp>(kClamp ? k(d0) : d0 * k.hi),
-             e1 = vexp2_neg<C, kClamp>(kClamp ? k(d1) : d1 * k.hi);
+        V<C> e0 = vexp2_neg<C, kClamp>(k.template mul<kWide>(d0)),
+             e1 = vexp2_neg<C, kClamp>(k.template mul<kWide>(d1));
         s0 += e0;
         s1 += e1;
         if (Stats) {
@@ -335,7 +336,7 @@ Partial row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr_in, const S
       }
       for (; i < nv; i += W) {
         const V<C> u0 = u_at(i), d0 = u0 - mx;
-        V<C> e0 = vexp2_neg<C, kClamp>(kClamp ? k(d0) : d0 * k.hi);
+        V<C> e0 = vexp2_neg<C, kClamp>(k.template mul<kWide>(d0));
         s0 += e0;
         if (Stats) {
           h0 += weighted<C, kClamp>(e0, d0);
@@ -345,10 +346,12 @@ Partial row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr_in, const S
       }
     };
     const C lowest = hmin<C>(vmin<C>(l0, l1));
-    if (!k.wide && (lowest - mx) * k.hi > Exp2Neg<C>::lo + 1)
-      exps(std::false_type());
+    if (k.wide)
+      exps(std::true_type(), std::true_type());
+    else if ((lowest - mx) * k.hi > Exp2Neg<C>::lo + 1)
+      exps(std::false_type(), std::false_type());
     else
-      exps(std::true_type());
+      exps(std::true_type(), std::false_type());
     if (nv < n) {
       V<C> e0 = vexp2_neg<C>(k(u_tail - mx));
       s0 += e0;

@@ -198,6 +198,7 @@ inline void store_partial(T* p, V<C> v, int64_t n) {
 // underflow), by the exponent bits elsewhere (zero below the smallest
 // normal). Forming y in working precision costs up to |x| ulps of relative
 // error, only where the term is tiny beside the row's max term.
+template <int S = 1>
 inline V<double> exp_poly(V<double> r);
 
 template <class C> struct Exp2Neg;
@@ -206,20 +207,23 @@ template <> struct Exp2Neg<float> {
   // 1.5 * 2^23 + 127: adding it rounds to an integer and leaves n + 127, the
   // biased exponent of 2^n, in the low mantissa bits
   static constexpr float magic = 12583039.0f;
+  // S 2^f, S a power of two (exact: every coefficient scaled by S)
+  template <int S = 1>
   static V<float> frac(V<float> f) {
-    V<float> p = splat(1.5345806605182588e-4f);
-    p = p * f + 1.3399930903688073e-3f;
-    p = p * f + 9.618489071726799e-3f;
-    p = p * f + 5.550328642129898e-2f;
-    p = p * f + 2.4022646248340607e-1f;
-    p = p * f + 6.931471824645996e-1f;
-    return p * f + 1.0f;
+    V<float> p = splat(S * 1.5345806605182588e-4f);
+    p = p * f + S * 1.3399930903688073e-3f;
+    p = p * f + S * 9.618489071726799e-3f;
+    p = p * f + S * 5.550328642129898e-2f;
+    p = p * f + S * 2.4022646248340607e-1f;
+    p = p * f + S * 6.931471824645996e-1f;
+    return p * f + (float)S;
   }
 };
 template <> struct Exp2Neg<double> {
   static constexpr double lo = LMXENT_VBYTES == 64 ? -1075.0 : -1022.0;
   static constexpr double magic = 6755399441056767.0;  // 1.5 * 2^52 + 1023
-  static V<double> frac(V<double> f) { return exp_poly(f * 0.6931471805599453094172); }
+  template <int S = 1>
+  static V<double> frac(V<double> f) { return exp_poly<S>(f * 0.6931471805599453094172); }
 };
 
 // Clamp = false when the caller knows lo < y (no -inf, no underflow): the
@@ -269,8 +273,8 @@ inline V<C> vexp2(V<C> y) {
   const C magic = K::magic - (C)1;  // leaves n - 1 + bias in the low bits
   V<C> t = yc + magic;
   V<C> n = t - magic;
-  V<C> p = K::frac(yc - n);
-  V<C> r = p * (V<C>)((VI<C>)t << (sizeof(C) == 4 ? 23 : 52)) * (C)2;
+  V<C> p2 = K::template frac<2>(yc - n);  // 2 * 2^(y - n), exactly
+  V<C> r = p2 * (V<C>)((VI<C>)t << (sizeof(C) == 4 ? 23 : 52));
   return y < lo ? V<C>{} : r;
 #endif
 }
@@ -289,13 +293,14 @@ inline V<C> vlog1p_unit(V<C> y) {
   return (s + s) * p;
 }
 
+template <int S>
 inline V<double> exp_poly(V<double> r) {
   V<double> rr = r * r;
   V<double> px = ((1.26177193074810590878E-4 * rr + 3.02994407707441961300E-2) * rr +
                   9.99999999999999999910E-1) * r;
   V<double> qx = ((3.00198505138664455042E-6 * rr + 2.52448340349684104192E-3) * rr +
                   2.27265548208155028766E-1) * rr + 2.00000000000000000009E0;
-  return 1.0 + 2.0 * px / (qx - px);
+  return (double)S + (2.0 * S) * px / (qx - px);
 }
 
 // tanh: near 0 a rational form without cancellation (float: the [7/6] Pade
