@@ -125,7 +125,7 @@ struct CEK {
     const double t_sum = !SP ? 0.0 : (prob() || weighted_ids) ? acc.ts : t_sum_k;
     if (write && a.loss) {
       const double z_t = prob() ? k.lse : (double)tr.z((C)x_t);
-      ((C*)a.loss)[r] = (C)ce_loss(k.lse, z_t, k.hard_w, t_sum, tr.kz * acc.tz, a.z_loss);
+      ((C*)a.loss)[r] = (C)ce_loss(k.lse, k.lse - z_t, k.hard_w, t_sum, tr.kz * acc.tz, a.z_loss);
     }
     k.A = ce_grad_coef(k.lse, k.hard_w, t_sum, a.z_loss);
     k.rs = a.grad_scale * (a.grad_rows ? (double)((const C*)a.grad_rows)[r] : 1.0);

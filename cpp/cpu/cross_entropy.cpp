@@ -7,6 +7,8 @@
 // the row a second time from cache (L2 for rows up to ~256K float32) and
 // writes the gradient, possibly over the logits: one DRAM read and one DRAM
 // write per element. Backward from a saved LSE skips pass 1 for class ids.
+#include <limits>
+
 #include "rows.h"
 
 namespace lmxent {
@@ -17,8 +19,9 @@ inline namespace LMXENT_ISA {
 // enter every probability.
 struct RowK {
   bool skip;  // ignored row: zero gradient
-  double lse, A, rs, hard_w, x_t;
+  double lse, A, rs, hard_w, x_t, u_t;
   int64_t t;
+  RowShift sh;
 };
 
 template <class T, bool SC, class S>
@@ -48,6 +51,7 @@ struct CEOp {
     RowK k{};
     k.lse = a.lse_given ? (double)((const C*)a.lse)[r] : lse_final(p.st, dlog);
     if (!a.lse_given && a.lse) ((C*)a.lse)[r] = (C)k.lse;
+    k.sh = RowShift(p, k.lse, !a.lse_given);
     k.skip = ignored(r);
     if (k.skip) {
       if (a.loss) ((C*)a.loss)[r] = 0;
@@ -57,10 +61,11 @@ struct CEOp {
     k.t = prob() ? -1 : a.targets[r];
     k.hard_w = prob() ? 0.0 : hard_k * (w ? (double)w[k.t] : 1.0);
     k.x_t = prob() ? 0.0 : (double)to_compute(x(r)[k.t]);
+    k.u_t = tr.one_u((C)k.x_t);
     const double t_sum = prob() ? p.t_sum : t_sum_k;
     if (a.loss) {
-      const double z_t = prob() ? k.lse : (double)tr.one((C)k.x_t);
-      ((C*)a.loss)[r] = (C)ce_loss(k.lse, z_t, k.hard_w, t_sum, p.tz_sum, a.z_loss);
+      const double lse_zt = prob() ? 0.0 : -k.sh.logp(tr.kz, k.u_t);
+      ((C*)a.loss)[r] = (C)ce_loss(k.lse, lse_zt, k.hard_w, t_sum, p.tz_sum, a.z_loss);
     }
     k.A = ce_grad_coef(k.lse, k.hard_w, t_sum, a.z_loss);
     k.rs = a.grad_scale * (a.grad_rows ? (double)((const C*)a.grad_rows)[r] : 1.0);
@@ -75,31 +80,56 @@ struct CEOp {
       return;
     }
     const S sp = spread.row(r);
-    if (keep && keep_usable(k.lse)) {  // g_j = (A e_j exp(m_c - lse) - t_j) * scale * rs, no softcap here
-      const C ts = (C)((double)tr.scale * k.rs);
-      keep_factors(*keep, c0, c1, k.lse, k.A * (double)tr.scale * k.rs);
+    // the kept exps, where the factors are plain C values (else 0 * inf)
+    const double fa = k.A * tr.s * k.rs, ft = tr.s * k.rs, big = 0x1p-4 * (double)std::numeric_limits<C>::max();
+    if (keep && keep_usable(k.lse) && fabs(fa) < big && fabs(ft) < big) {
+      // g_j = (A e_j exp(kz (m_c - M) - L) - t_j) * scale * rs, no softcap here
+      const C ts = (C)ft;
+      keep_factors(*keep, c0, c1, k.sh, tr.kz, fa);
       row_emit(g, c0, c1, [&](int64_t j, int64_t n) {
         V<C> t = n == Vec<C>::W ? sp.vec(j) : sp.part(j, n);
         return load(keep->e + j) * (C)keep->m[j >> kChunkShift] - t * ts;
       }, stream);
       return;
     }
-    const LseSplit<C> ls(k.lse);
-    const C A = (C)k.A, rs = (C)k.rs;
-    row_map(x(r), g, c0, c1, [&](V<C> xv, int64_t j, int64_t n) {
-      V<C> z = tr(xv);
-      V<C> t = n == Vec<C>::W ? sp.vec(j) : sp.part(j, n);
-      return (A * vexp_neg(ls.sub(z)) - t) * tr.slope(z) * rs;
-    }, stream);
+    const ShiftV<C> sh(k.sh, tr.kz);
+    const Factor<C> A(k.A * k.rs), rs(k.rs);
+    const auto tr = this->tr;  // a local copy: the gradient stores could alias it
+    // z - lse <= 0 with our own LSE; a caller's saved one may be smaller than
+    // the row's max (then exp may overflow): the exp for any argument.
+    // Wide: some factor is outside C's comfortable range (checked per row, not per vector)
+    auto emit = [&](auto any_sign, auto wide) {
+      constexpr bool Wd = decltype(wide)::value;
+      row_map(x(r), g, c0, c1, [&](V<C> xv, int64_t j, int64_t n) {
+        V<C> th, u = tr.pre(xv, &th);
+        // a caller's LSE: M = 0, z - lse directly (one subtraction less)
+        V<C> d = decltype(any_sign)::value && !Wd ? sh.L.sub(u * sh.kz.hi) : sh.template sub<Wd>(u);
+        V<C> p = decltype(any_sign)::value ? vexp<C>(d) : vexp_neg(d);
+        if (!S::active) return tr.template times_slope<Wd>(A.template mul<Wd>(p), th);
+        V<C> t = n == Vec<C>::W ? sp.vec(j) : sp.part(j, n);
+        return tr.template times_slope<Wd>(A.template mul<Wd>(p) - rs.template mul<Wd>(t), th);
+      }, stream);
+    };
+    const bool wide = sh.wide() || A.wide || rs.wide || tr.wide();
+    auto by_range = [&](auto any_sign) {
+      if (wide)
+        emit(any_sign, std::true_type());
+      else
+        emit(any_sign, std::false_type());
+    };
+    if (a.lse_given)
+      by_range(std::true_type());
+    else
+      by_range(std::false_type());
   }
 
   // The target element, from the logit saved before pass 2 (which may have
   // overwritten it), rounded once.
   void after(int64_t r, const RowK& k) const {
     if (!a.grad.data || k.skip || prob()) return;
-    const C z = tr.one((C)k.x_t);
-    const double p = ::exp((double)z - k.lse);
-    const double g = (k.A * p - (double)spread.at(k.t) - k.hard_w) * (double)tr.slope(splat<C>(z))[0] * k.rs;
+    const double p = ::exp(k.sh.logp(tr.kz, k.u_t));
+    const double Ap = p == 0 ? 0.0 : k.A * p;  // A may be huge (z_loss) where p underflowed
+    const double g = (Ap - (double)spread.at(k.t) - k.hard_w) * tr.slope_one(k.x_t) * k.rs;
     from_compute((T*)a.grad.data + r * a.grad.stride + k.t, (C)g);
   }
 };
@@ -140,7 +170,10 @@ static void ce_by_spread(const CEArgs& a) {
 void cross_entropy(const CEArgs& a) {
   with_dtype(a.logits.dtype, [&](auto* tag) {
     typedef typename std::remove_pointer<decltype(tag)>::type T;
-    if (a.tr.softcap > 0)
+    typedef typename Compute<T>::type C;
+    // a cap that no finite z can approach (|z / cap| < 2^-27) changes nothing
+    const bool caps = a.tr.softcap > 0 && !(a.tr.softcap > a.tr.scale * (double)std::numeric_limits<C>::max() * 0x1p27);
+    if (caps)
       ce_by_spread<T, true>(a);
     else
       ce_by_spread<T, false>(a);

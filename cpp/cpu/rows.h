@@ -12,6 +12,7 @@
 // long, each row is split across tasks and the partial states are merged
 // (lse_merge of the contract). Small inputs run on the calling thread.
 #pragma once
+#include <float.h>
 #include <math.h>
 
 #include <stdlib.h>
@@ -50,27 +51,82 @@ inline V<C> lane_index() {
   return v;
 }
 
+// A double factor f applied to values of C, v f, as v hi (lo1 lo2): one
+// multiply where f is a comfortable C value; beyond that, hi keeps f's
+// mantissa and the lo's the rest of its power of two, each clamped to C's
+// range, so that 0 stays 0 (never 0 * inf) and v f under- or overflows where
+// the exact product does (the options are doubles: a temperature of 1e-300
+// is a scale far outside float's range).
+template <class C>
+struct Factor {
+  C hi, lo1 = 1, lo2 = 1;
+  bool wide = false;
+  explicit Factor(double f) {
+    constexpr int kE = sizeof(C) == 4 ? 100 : 900, kMax = sizeof(C) == 4 ? 127 : 1023,
+                  kMin = sizeof(C) == 4 ? -149 : -1074;
+    const bool huge = f > DBL_MAX || f < -DBL_MAX;
+    int e = 1 << 12;
+    const double m = huge ? copysign(0.5, f) : frexp(f, &e);
+    if (f == 0 || f != f || (e > -kE && e < kE)) {
+      hi = (C)f;
+      return;
+    }
+    wide = true;
+    const int eh = e > 0 ? kE : -kE;
+    hi = (C)ldexp(m, eh);
+    auto clamp = [&](int x) { return x > kMax ? kMax : x < kMin ? kMin : x; };
+    const int e1 = clamp(e - eh), e2 = clamp(e - eh - e1);
+    lo1 = (C)ldexp(1.0, e1);
+    lo2 = (C)ldexp(1.0, e2);
+  }
+  V<C> operator()(V<C> v) const { return wide ? v * hi * lo1 * lo2 : v * hi; }
+  // the same, with the range handling only when Wide (a loop picks it once)
+  template <bool Wide>
+  V<C> mul(V<C> v) const { return Wide ? (*this)(v) : v * hi; }
+};
+
 // The element transform of the contract, vectorised. SC: softcap on.
-// z = kz * pre(x): without a softcap pre is the identity and the scale is
-// folded into the exps (kz = scale); with one, pre is the whole transform.
+// z = kz * pre(x) = kz * u: without a softcap u is x and the scale is folded
+// into the exps (kz = scale); with one, u is the whole transform (kz = 1).
+// The options stay exact in double (s, kz) and meet C values as Factors, so
+// that any positive scale or cap works.
+//
+// Scales beyond 2^894 act as 2^894 in float: z = s x then overflows float for
+// every nonzero x, and all differences of z underflow its exp, either way;
+// it keeps kz max(u), the chunk shift, within double's range.
+template <class C>
+constexpr double kScaleMax = sizeof(C) == 4 ? 0x1p894 : DBL_MAX;
 template <class C, bool SC>
 struct Tr {
   static constexpr bool kTransforms = SC;
-  C scale, cap, inv_cap, kz;
+  double s, kz, cap_d;         // scale, z = kz u, softcap
+  Factor<C> scale, w, cap, k;  // s, s / cap, cap, kz log2(e)
   explicit Tr(const Transform& t)
-      : scale((C)t.scale), cap((C)t.softcap), inv_cap(t.softcap > 0 ? (C)(1.0 / t.softcap) : (C)0),
-        kz(SC ? (C)1 : (C)t.scale) {}
-  V<C> pre(V<C> x) const { return SC ? (*this)(x) : x; }
-  V<C> operator()(V<C> x) const {
-    V<C> z = x * scale;
-    if (SC) z = cap * vtanh<C>(z * inv_cap);
-    return z;
+      : s(t.scale < kScaleMax<C> ? t.scale : kScaleMax<C>), kz(SC ? 1.0 : s), cap_d(t.softcap),
+        scale(s), w(SC ? s / t.softcap : 1.0), cap(SC ? t.softcap : 1.0), k(kz * 1.4426950408889634073599) {}
+  // u; under a softcap also th = tanh(s x / cap), the slope's factor (u / cap
+  // loses it where cap is tiny)
+  V<C> pre(V<C> x, V<C>* th = nullptr) const {
+    if (!SC) return x;
+    const V<C> y = w(x), t = vtanh<C>(y);
+    if (th) *th = t;
+    if (!w.wide && !cap.wide) return t * cap.hi;
+    // where tanh(y) rounds to y, z = s x: exact also where y underflowed
+    const C tiny = sizeof(C) == 4 ? (C)0x1p-12 : (C)0x1p-27;
+    return vselect<C>((y < 0 ? -y : y) < tiny, scale(x), cap(t));
   }
-  C one(C x) const { return (*this)(splat<C>(x))[0]; }
-  V<C> slope(V<C> z) const {
-    if (!SC) return splat<C>(scale);
-    V<C> u = z * inv_cap;
-    return scale * ((C)1 - u * u);
+  // u of one element, in double (exact without a softcap)
+  double one_u(C x) const { return SC ? (double)pre(splat<C>(x))[0] : (double)x; }
+  // v dz/dx: v s, times 1 - th^2 under a softcap
+  template <bool Wide = true>
+  V<C> times_slope(V<C> v, V<C> th) const {
+    return scale.template mul<Wide>(SC ? v * ((C)1 - th * th) : v);
+  }
+  bool wide() const { return scale.wide; }
+  double slope_one(double x) const {
+    if (!SC) return s;
+    const double t = ::tanh(s * x / cap_d);
+    return s * (1.0 - t * t);
   }
 };
 
@@ -127,22 +183,26 @@ struct ProbSpread {
 // and sum_j t_j z_j, and for token statistics the entropy sum h (see
 // ent_merge) and the count of entries ranked above the target. Kept in
 // double across chunks.
+// mu is the largest u (NaN if any): pass 2 works relative to it.
 struct Partial {
   LseState<double> st;
   double t_sum, tz_sum, h;
   int64_t above;
+  double mu;
 };
-inline Partial partial_empty() { return {{-(double)INFINITY, 0.0}, 0.0, 0.0, 0.0, 0}; }
+inline Partial partial_empty() { return {{-(double)INFINITY, 0.0}, 0.0, 0.0, 0.0, 0, -(double)INFINITY}; }
 inline double dexp(double x) { return ::exp(x); }
 inline double dlog(double x) { return ::log(x); }
 inline Partial merge(const Partial& a, const Partial& b) {
   return {lse_merge(a.st, b.st, dexp), a.t_sum + b.t_sum, a.tz_sum + b.tz_sum,
-          ent_merge(a.st, a.h, b.st, b.h, dexp), a.above + b.above};
+          ent_merge(a.st, a.h, b.st, b.h, dexp), a.above + b.above,
+          a.mu > b.mu || a.mu != a.mu ? a.mu : b.mu};
 }
 
-// Pass 1 may keep e_j = exp(z_j - M_c) for the whole row (plus a chunk of
-// padding) and each chunk's shift M_c, so that pass 2 needs no second exp:
-// exp(z_j - lse) = e_j * exp(M_c - lse). Used when the row fits in L2.
+// Pass 1 may keep e_j = exp(z_j - kz M_c) for the whole row (plus a chunk of
+// padding) and each chunk's max u M_c, so that pass 2 needs no second exp:
+// exp(z_j - lse) = e_j * exp(kz (M_c - M) - L) (see RowShift). Used when the
+// row fits in L2.
 template <class C>
 struct Keep {
   C* e;
@@ -156,8 +216,8 @@ static_assert((int64_t)1 << kChunkShift == kChunk, "chunk size");
 // value (z = kz u) and k = kz log2(e) rounded to C: the max term is exactly 1
 // (so lse >= max, and a lone finite entry has lse equal to it), and the
 // chunk's natural-log shift is kz max(u), kept in double.
-template <class C>
-inline double chunk_shift(C mu, C kz) {
+template <class C, class K>
+inline double chunk_shift(C mu, K kz) {
   if (!(mu > -(C)INFINITY && mu < (C)INFINITY)) return (double)mu;  // +-inf, NaN
   return (double)kz * (double)mu;
 }
@@ -178,7 +238,7 @@ inline V<C> weighted(V<C> e, V<C> d) {
 }
 
 template <class T, class TR, class S, bool Stats = false>
-Partial row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr, const S& sp,
+Partial row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr_in, const S& sp,
                     const Keep<typename Compute<T>::type>* keep,
                     const RankOf<typename Compute<T>::type>* rank = nullptr) {
   typedef typename Compute<T>::type C;
@@ -188,7 +248,9 @@ Partial row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr, const S& s
   constexpr bool kBuf = TR::kTransforms || !std::is_same<T, C>::value;
   alignas(64) C buf[kBuf ? kChunk : W];
   const V<C> ninf = splat<C>(-(C)INFINITY), lanes = lane_index<C>();
-  const C k = tr.kz * kLog2e<C>;
+  // local copies: the buffer stores could alias their members
+  const TR tr = tr_in;
+  const Factor<C> k = tr.k;
   Partial acc = partial_empty();
   for (int64_t b = c0; b < c1; b += kChunk) {
     const int64_t n = imin(kChunk, c1 - b), nv = n - n % W;
@@ -245,13 +307,15 @@ Partial row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr, const S& s
     C* e = keep ? keep->e + b : nullptr;
     // The exps of the whole vectors; their range checks are skipped when the
     // chunk's smallest value cannot underflow (no -inf, no NaN).
-    auto exps = [&](auto clamp) {
-      constexpr bool kClamp = decltype(clamp)::value;
+    // Wide: the scale is outside C's comfortable range (clamped mode only)
+    auto exps = [&](auto clamp, auto wide) {
+      constexpr bool kClamp = decltype(clamp)::value, kWide = decltype(wide)::value;
       int64_t i = 0;
       for (; i + 2 * W <= nv; i += 2 * W) {
         prefetch_lines<2 * W * sizeof(T)>((uintptr_t)(xb + i) + kChunk * sizeof(T));
         const V<C> u0 = u_at(i), u1 = u_at(i + W), d0 = u0 - mx, d1 = u1 - mx;
-        V<C> e0 = vexp2_neg<C, kClamp>(d0 * k), e1 = vexp2_neg<C, kClamp>(d1 * k);
+        V<C> e0 = vexp2_neg<C, kClamp>(k.template mul<kWide>(d0)),
+             e1 = vexp2_neg<C, kClamp>(k.template mul<kWide>(d1));
         s0 += e0;
         s1 += e1;
         if (Stats) {
@@ -269,7 +333,7 @@ Partial row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr, const S& s
       }
       for (; i < nv; i += W) {
         const V<C> u0 = u_at(i), d0 = u0 - mx;
-        V<C> e0 = vexp2_neg<C, kClamp>(d0 * k);
+        V<C> e0 = vexp2_neg<C, kClamp>(k.template mul<kWide>(d0));
         s0 += e0;
         if (Stats) {
           h0 += weighted<C, kClamp>(e0, d0);
@@ -279,12 +343,14 @@ Partial row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr, const S& s
       }
     };
     const C lowest = hmin<C>(vmin<C>(l0, l1));
-    if ((lowest - mx) * k > Exp2Neg<C>::lo + 1)
-      exps(std::false_type());
+    if (k.wide)
+      exps(std::true_type(), std::true_type());
+    else if ((lowest - mx) * k.hi > Exp2Neg<C>::lo + 1)
+      exps(std::false_type(), std::false_type());
     else
-      exps(std::true_type());
+      exps(std::true_type(), std::false_type());
     if (nv < n) {
-      V<C> e0 = vexp2_neg<C>((u_tail - mx) * k);
+      V<C> e0 = vexp2_neg<C>(k(u_tail - mx));
       s0 += e0;
       if (Stats) h0 += weighted<C, true>(e0, u_tail - mx);
       if (ranks) cnt -= ((u_tail > ut) | ((u_tail == ut) & (lanes + (C)nv < tl))) & (lanes < (C)(n - nv));
@@ -293,7 +359,7 @@ Partial row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr, const S& s
     int64_t above = 0;
     for (int i = 0; Stats && i < W; ++i) above += cnt[i];
     const double shift = chunk_shift(mu, tr.kz);
-    if (keep) keep->m[b >> kChunkShift] = shift;
+    if (keep) keep->m[b >> kChunkShift] = (double)mu;
     if (S::active) {  // sums of t_j and t_j u_j (z = kz u)
       for (j = 0; j < nv; j += W) {
         V<C> t = sp.vec(b + j), u = u_at(j);
@@ -309,8 +375,8 @@ Partial row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr, const S& s
     }
     // With +inf in the chunk the sum (NaN from inf - inf) does not matter.
     const double sum = mu != mu ? (double)NAN : mu == (C)INFINITY ? 1.0 : (double)hsum<C>(s0 + s1);
-    Partial chunk = {{shift, sum}, (double)hsum<C>(ts), (double)tr.kz * (double)hsum<C>(tz),
-                     Stats ? (double)tr.kz * (double)hsum<C>(h0 + h1) : 0.0, above};
+    Partial chunk = {{shift, sum}, (double)hsum<C>(ts), tr.kz * (double)hsum<C>(tz),
+                     Stats ? tr.kz * (double)hsum<C>(h0 + h1) : 0.0, above, (double)mu};
     acc = merge(acc, chunk);
   }
   return acc;
@@ -327,15 +393,47 @@ struct LseSplit {
   V<C> sub(V<C> z) const { return (z - hi) - lo; }
 };
 
+// z - lse in pass 2, as kz (u - M) - L with L = lse - kz M, the log of the
+// row's sum relative to its largest u (M): u - M is exact near the max, and
+// kz (u - M) <= 0 can only overflow to -inf (probability 0), for any scale,
+// while z and lse themselves may be far outside C's range. Without a finite
+// relative form (no pass 1, a non-finite LSE) M = 0 and L = lse.
+struct RowShift {
+  double M = 0, L = 0;
+  bool rel = false;
+  RowShift() = default;
+  RowShift(const Partial& p, double lse, bool has_pass1) {
+    rel = has_pass1 && lse > -(double)INFINITY && lse < (double)INFINITY && p.st.s > 0;
+    M = rel ? p.mu : 0.0;
+    L = rel ? ::log(p.st.s) : lse;
+  }
+  // log p of one element given its u, in double
+  double logp(double kz, double u) const { return kz * (u - M) - L; }
+};
+template <class C>
+struct ShiftV {
+  C M;
+  Factor<C> kz;
+  LseSplit<C> L;
+  bool L_inf;  // a caller's LSE of +inf: p = 0 for any finite z, which kz u may not be in C
+  ShiftV(const RowShift& r, double kz) : M((C)r.M), kz(kz), L(r.L), L_inf(r.L == (double)INFINITY) {}
+  bool wide() const { return kz.wide || L_inf; }
+  template <bool Wide = true>
+  V<C> sub(V<C> u) const {
+    if (Wide && L_inf) return vselect<C>(u == (C)INFINITY, splat<C>((C)NAN), splat<C>(-(C)INFINITY));
+    return L.sub(kz.template mul<Wide>(u - M));
+  }
+};
+
 // Pass 2 may use the kept exps only for a finite LSE: with +inf (or NaN)
-// the chunk factor exp(M_c - lse) would turn the finite entries into NaN.
+// the chunk factor would turn the finite entries into NaN.
 inline bool keep_usable(double lse) { return lse > -(double)INFINITY && lse < (double)INFINITY; }
 
-// Turns the kept chunk shifts of [c0, c1) into factors exp(M_c - lse) * mul.
+// Turns the kept chunk maxima of [c0, c1) into factors exp(kz (M_c - M) - L) * mul.
 template <class C>
-inline void keep_factors(const Keep<C>& k, int64_t c0, int64_t c1, double lse, double mul) {
+inline void keep_factors(const Keep<C>& k, int64_t c0, int64_t c1, const RowShift& rs, double kz, double mul) {
   for (int64_t c = c0 >> kChunkShift; c < (c1 + kChunk - 1) >> kChunkShift; ++c)
-    k.m[c] = ::exp(k.m[c] - lse) * mul;
+    k.m[c] = ::exp(rs.logp(kz, k.m[c])) * mul;
 }
 
 // An output much larger than the caches, not written over its input, is
@@ -393,14 +491,17 @@ inline Keep<C> scratch_keep(int64_t cols) {
     ~Buf() { free(p); }
   };
   static thread_local Buf buf;
+  // Each section starts on a 64-byte line: the doubles after an odd number
+  // of floats would otherwise be misaligned (undefined behaviour).
+  auto line = [](size_t bytes) { return (bytes + 63) / 64 * 64; };
   const int64_t ne = cols + kChunk, nm = (cols >> kChunkShift) + 2;
-  const size_t need = (ne * sizeof(C) + nm * sizeof(double) + 63) / 64 * 64;
+  const size_t e_bytes = line(ne * sizeof(C)), need = e_bytes + line(nm * sizeof(double));
   if (buf.n < need) {
     free(buf.p);
     buf.p = aligned_alloc(64, need);
     buf.n = buf.p ? need : 0;
   }
-  return {(C*)buf.p, (double*)((C*)buf.p + ne)};
+  return {(C*)buf.p, (double*)((char*)buf.p + e_bytes)};
 }
 
 // Columns per thread when a row is split: whole chunks (the kept chunk

@@ -198,6 +198,7 @@ inline void store_partial(T* p, V<C> v, int64_t n) {
 // underflow), by the exponent bits elsewhere (zero below the smallest
 // normal). Forming y in working precision costs up to |x| ulps of relative
 // error, only where the term is tiny beside the row's max term.
+template <int S = 1>
 inline V<double> exp_poly(V<double> r);
 
 template <class C> struct Exp2Neg;
@@ -206,20 +207,23 @@ template <> struct Exp2Neg<float> {
   // 1.5 * 2^23 + 127: adding it rounds to an integer and leaves n + 127, the
   // biased exponent of 2^n, in the low mantissa bits
   static constexpr float magic = 12583039.0f;
+  // S 2^f, S a power of two (exact: every coefficient scaled by S)
+  template <int S = 1>
   static V<float> frac(V<float> f) {
-    V<float> p = splat(1.5345806605182588e-4f);
-    p = p * f + 1.3399930903688073e-3f;
-    p = p * f + 9.618489071726799e-3f;
-    p = p * f + 5.550328642129898e-2f;
-    p = p * f + 2.4022646248340607e-1f;
-    p = p * f + 6.931471824645996e-1f;
-    return p * f + 1.0f;
+    V<float> p = splat(S * 1.5345806605182588e-4f);
+    p = p * f + S * 1.3399930903688073e-3f;
+    p = p * f + S * 9.618489071726799e-3f;
+    p = p * f + S * 5.550328642129898e-2f;
+    p = p * f + S * 2.4022646248340607e-1f;
+    p = p * f + S * 6.931471824645996e-1f;
+    return p * f + (float)S;
   }
 };
 template <> struct Exp2Neg<double> {
   static constexpr double lo = LMXENT_VBYTES == 64 ? -1075.0 : -1022.0;
   static constexpr double magic = 6755399441056767.0;  // 1.5 * 2^52 + 1023
-  static V<double> frac(V<double> f) { return exp_poly(f * 0.6931471805599453094172); }
+  template <int S = 1>
+  static V<double> frac(V<double> f) { return exp_poly<S>(f * 0.6931471805599453094172); }
 };
 
 // Clamp = false when the caller knows lo < y (no -inf, no underflow): the
@@ -245,6 +249,38 @@ template <class C> constexpr C kLog2e = (C)1.4426950408889634073599;
 inline V<float> vexp_neg(V<float> x) { return vexp2_neg<float>(x * kLog2e<float>); }
 inline V<double> vexp_neg(V<double> x) { return vexp2_neg<double>(x * kLog2e<double>); }
 
+// 2^y for any y: overflow gives +inf on every instruction set (vexp2_neg
+// builds 2^n from exponent bits with no upper bound). y is clamped to
+// [lo, hi] (beyond them the result is 0 or +inf anyway); without AVX-512 2^n
+// is built as 2^(n - 1) * 2, so that n at the overflow threshold still has a
+// finite exponent field (results below 2^-125 are 0, as vexp2_neg's below
+// 2^-126). Only where an argument may be positive (a caller's saved LSE).
+template <class C>
+inline V<C> vexp2(V<C> y) {
+  typedef Exp2Neg<C> K;
+  constexpr C hi = sizeof(C) == 4 ? (C)128.5 : (C)1024.5;
+  constexpr C lo = LMXENT_VBYTES == 64 ? K::lo : sizeof(C) == 4 ? (C)-125 : (C)-1021;
+  V<C> yc = y > hi ? splat<C>(hi) : y;  // NaN compares false: kept
+  yc = yc < lo ? splat<C>(lo) : yc;
+#if LMXENT_VBYTES == 64
+  V<C> n = (yc + K::magic) - K::magic;
+  V<C> p = K::frac(yc - n);
+  if constexpr (sizeof(C) == 4)
+    return (V<C>)_mm512_scalef_ps((__m512)p, (__m512)n);
+  else
+    return (V<C>)_mm512_scalef_pd((__m512d)p, (__m512d)n);
+#else
+  const C magic = K::magic - (C)1;  // leaves n - 1 + bias in the low bits
+  V<C> t = yc + magic;
+  V<C> n = t - magic;
+  V<C> p2 = K::template frac<2>(yc - n);  // 2 * 2^(y - n), exactly
+  V<C> r = p2 * (V<C>)((VI<C>)t << (sizeof(C) == 4 ? 23 : 52));
+  return y < lo ? V<C>{} : r;
+#endif
+}
+template <class C>
+inline V<C> vexp(V<C> x) { return vexp2<C>(x * kLog2e<C>); }
+
 // log(1 + y) for y in [0, 1] (the softplus tail log1p(exp(-|d|))): with
 // s = y / (2 + y) in [0, 1/3], log(1 + y) = 2 atanh(s) = 2 s sum_k s^2k / (2k + 1),
 // K terms so that the first one left out, (1/9)^K / (2K + 1), is below half an ulp.
@@ -257,13 +293,14 @@ inline V<C> vlog1p_unit(V<C> y) {
   return (s + s) * p;
 }
 
+template <int S>
 inline V<double> exp_poly(V<double> r) {
   V<double> rr = r * r;
   V<double> px = ((1.26177193074810590878E-4 * rr + 3.02994407707441961300E-2) * rr +
                   9.99999999999999999910E-1) * r;
   V<double> qx = ((3.00198505138664455042E-6 * rr + 2.52448340349684104192E-3) * rr +
                   2.27265548208155028766E-1) * rr + 2.00000000000000000009E0;
-  return 1.0 + 2.0 * px / (qx - px);
+  return (double)S + (2.0 * S) * px / (qx - px);
 }
 
 // tanh: near 0 a rational form without cancellation (float: the [7/6] Pade

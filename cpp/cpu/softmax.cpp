@@ -22,26 +22,36 @@ struct SoftmaxOp {
   Partial partial(int64_t r, int64_t c0, int64_t c1, const Keep<C>* keep) const {
     return row_partial(x(r), c0, c1, tr, NoSpread<C>(), keep);
   }
-  double finish(int64_t r, const Partial& p) const {
+  struct Row {
+    double lse;
+    RowShift sh;
+  };
+  Row finish(int64_t r, const Partial& p) const {
     const double lse = lse_final(p.st, dlog);
     if (a.lse) ((C*)a.lse)[r] = (C)lse;
-    return lse;
+    return {lse, RowShift(p, lse, true)};
   }
-  void pass2(int64_t r, double lse, int64_t c0, int64_t c1, const Keep<C>* keep) const {
+  void pass2(int64_t r, const Row& k, int64_t c0, int64_t c1, const Keep<C>* keep) const {
     if (!a.out.data) return;
     T* out = (T*)a.out.data + r * a.out.stride;
-    if (keep && keep_usable(lse)) {  // softmax = e_j * exp(m_c - lse)
-      keep_factors(*keep, c0, c1, lse, 1.0);
+    if (keep && keep_usable(k.lse)) {  // softmax = e_j * exp(kz (m_c - M) - L)
+      keep_factors(*keep, c0, c1, k.sh, tr.kz, 1.0);
       row_emit(out, c0, c1, [&](int64_t j, int64_t) { return load(keep->e + j) * (C)keep->m[j >> kChunkShift]; }, stream);
       return;
     }
-    const LseSplit<C> ls(lse);
-    row_map(x(r), out, c0, c1, [&](V<C> xv, int64_t, int64_t) {
-      V<C> z = ls.sub(tr(xv));
-      return Log ? z : vexp_neg(z);
-    }, stream);
+    const ShiftV<C> sh(k.sh, tr.kz);
+    auto emit = [&](auto wide) {  // the range handling only where a factor needs it
+      row_map(x(r), out, c0, c1, [&](V<C> xv, int64_t, int64_t) {
+        V<C> z = sh.template sub<decltype(wide)::value>(xv);
+        return Log ? z : vexp_neg(z);
+      }, stream);
+    };
+    if (sh.wide())
+      emit(std::true_type());
+    else
+      emit(std::false_type());
   }
-  void after(int64_t, double) const {}
+  void after(int64_t, const Row&) const {}
 };
 
 void softmax(const SoftmaxArgs& a) {

@@ -38,8 +38,11 @@ struct TokenStatsOp {
     };
     put(a.lse, lse);
     put(a.entropy, ent_final(p.st, p.h, dlog));
-    put(a.top_prob, ::exp(p.st.m - lse));  // the max term of the sum is exactly 1
-    put(a.logprob, t < 0 ? 0.0 : (double)tr.kz * (double)to_compute(x(r)[t]) - lse);
+    // relative to the row's max (z and lse may be beyond C's range); its term
+    // of the sum is exactly 1
+    const RowShift sh(p, lse, true);
+    put(a.top_prob, sh.rel ? ::exp(-sh.L) : ::exp(p.st.m - lse));
+    put(a.logprob, t < 0 ? 0.0 : sh.logp(tr.kz, (double)to_compute(x(r)[t])));
     if (a.rank) a.rank[r] = t < 0 || lse != lse ? -1 : p.above;
     return 0;
   }

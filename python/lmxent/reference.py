@@ -26,25 +26,41 @@ __all__ = ["logsumexp", "log_softmax", "softmax", "cross_entropy",
 _REDUCTIONS = ("none", "mean", "sum")
 
 
-def _scaled(x, temperature):
+def _check_temperature(temperature):
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    return np.asarray(x, dtype=np.float64) / temperature
+
+
+def _log_softmax_lse(u, k, axis=-1):
+    """(log softmax, lse) of z = k * u along `axis` (keepdims): z - lse, with
+    lse = m + log sum exp(z - m) for m the max of z; where k m is huge (a temperature
+    or scale far from 1) relative to the max of u instead,
+    k (u - m) - log sum exp(k (u - m)), exact for any k > 0 (z and lse themselves may
+    overflow; k (u - m) only to -inf, a probability of 0)."""
+    u = np.asarray(u, dtype=np.float64)
+    m = np.max(u, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)  # all -inf row -> -inf; +inf -> inf; NaN stays
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        km = np.where(m == 0, 0.0, k * m)
+        z = k * u
+        lse = km + np.log(np.sum(np.exp(z - km), axis=axis, keepdims=True))
+        d = np.where(u == m, 0.0, k * (u - m))  # k (u - m) is 0 at the max, even for k = inf
+        ls = np.log(np.sum(np.exp(d), axis=axis, keepdims=True))
+        huge = np.abs(km) > 2.0**20  # z - lse would lose log sum to z's rounding
+        return np.where(huge, d - ls, z - lse), np.where(huge, km + ls, lse)
 
 
 def logsumexp(x, axis=-1, *, keepdims=False, temperature=1.0):
     """log(sum(exp(x / temperature))) along `axis`, computed stably."""
-    x = _scaled(x, temperature)
-    m = np.max(x, axis=axis, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)  # all -inf row -> -inf; +inf -> inf; NaN stays
-    with np.errstate(divide="ignore"):
-        out = m + np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True))
+    _check_temperature(temperature)
+    _, out = _log_softmax_lse(x, 1.0 / temperature, axis)
     return out if keepdims else np.squeeze(out, axis=axis)
 
 
 def log_softmax(x, axis=-1, *, temperature=1.0):
     """log(softmax(x / temperature)) along `axis`."""
-    return _scaled(x, temperature) - logsumexp(x, axis, keepdims=True, temperature=temperature)
+    _check_temperature(temperature)
+    return _log_softmax_lse(x, 1.0 / temperature, axis)[0]
 
 
 def softmax(x, axis=-1, *, temperature=1.0):
@@ -53,14 +69,18 @@ def softmax(x, axis=-1, *, temperature=1.0):
 
 
 def _transform(logits, softcap, logit_scale):
-    """Return z (scaled, then soft-capped logits) and dz/dx."""
-    z = logit_scale * np.asarray(logits, dtype=np.float64)
+    """Return (u, k) with z = k * u the scaled, then soft-capped logits, and dz/dx.
+    Without a softcap u = logits and k = logit_scale (z may be beyond float64's range:
+    see _log_softmax_lse)."""
+    x = np.asarray(logits, dtype=np.float64)
     if softcap is None:
-        return z, np.full_like(z, logit_scale)
+        return x, logit_scale, np.full_like(x, logit_scale)
     if not softcap > 0:
         raise ValueError(f"softcap must be positive or None, got {softcap}")
-    z = softcap * np.tanh(z / softcap)
-    return z, logit_scale * (1.0 - (z / softcap) ** 2)
+    with np.errstate(over="ignore", invalid="ignore"):
+        t = np.tanh(logit_scale * x / softcap)
+        z = np.where(np.abs(t) < 2.0**-27, logit_scale * x, softcap * t)  # tanh(y) = y there
+    return z, 1.0, logit_scale * (1.0 - t * t)
 
 
 def _row_terms(logits, targets, weight, ignore_index, reduction, label_smoothing,
@@ -117,11 +137,13 @@ def cross_entropy(logits, targets, *, weight=None, ignore_index=-100, reduction=
     """Cross-entropy of `targets` under softmax(logits); see the module docstring."""
     b, mask, denom = _row_terms(logits, targets, weight, ignore_index, reduction,
                                 label_smoothing, normalizer)
-    z, _ = _transform(logits, softcap, logit_scale)
-    lse = logsumexp(z)
-    with np.errstate(invalid="ignore"):  # 0 * inf where b_j == 0 and z_j == -inf
-        terms = np.where(b != 0, b * (lse[..., None] - z), 0.0)
-    loss = np.where(mask, terms.sum(axis=-1) + z_loss * lse**2, 0.0)
+    u, k, _ = _transform(logits, softcap, logit_scale)
+    lsm, lse = _log_softmax_lse(u, k)
+    lse = lse[..., 0]
+    with np.errstate(invalid="ignore", over="ignore"):  # 0 * inf where b_j == 0 and z_j == -inf
+        terms = np.where(b != 0, -b * lsm, 0.0)
+        zl = z_loss * lse**2 if z_loss != 0 else 0.0  # z_loss 0 adds 0, even to an infinite lse
+        loss = np.where(mask, terms.sum(axis=-1) + zl, 0.0)
     if reduction == "sum":
         loss = np.float64(loss.sum())
     elif reduction == "mean":
@@ -135,10 +157,17 @@ def cross_entropy_backward(logits, targets, lse, grad_output, *, weight=None,
     """Gradient of cross_entropy w.r.t. logits, given the per-token `lse` of z."""
     b, mask, denom = _row_terms(logits, targets, weight, ignore_index, reduction,
                                 label_smoothing, normalizer)
-    z, dz_dx = _transform(logits, softcap, logit_scale)
+    u, k, dz_dx = _transform(logits, softcap, logit_scale)
     lse = np.asarray(lse, dtype=np.float64)
     if lse.shape != mask.shape:
         raise ValueError(f"lse must have shape {mask.shape}, got {lse.shape}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        p = np.exp(k * u - lse[..., None])
+    return _grad(b, mask, denom, p, lse, dz_dx, grad_output, reduction, z_loss)
+
+
+def _grad(b, mask, denom, p, lse, dz_dx, grad_output, reduction, z_loss):
+    """(A p - b) dz/dx times the grad_output factor, on the non-ignored tokens."""
     if reduction == "none":
         factor = np.broadcast_to(np.asarray(grad_output, dtype=np.float64), mask.shape)
     elif np.ndim(grad_output) != 0:
@@ -147,9 +176,10 @@ def cross_entropy_backward(logits, targets, lse, grad_output, *, weight=None,
         factor = float(grad_output)
     else:
         factor = float(grad_output) / denom if denom != 0 else 0.0
-    p = np.exp(z - lse[..., None])
-    A = b.sum(axis=-1) + 2.0 * z_loss * lse
-    g = (A[..., None] * p - b) * dz_dx * np.asarray(factor)[..., None]
+    with np.errstate(over="ignore", invalid="ignore"):
+        A = b.sum(axis=-1) + (2.0 * z_loss * lse if z_loss != 0 else 0.0)
+        Ap = np.where(p == 0, 0.0, A[..., None] * p)  # A may be huge where p underflowed
+        g = (Ap - b) * dz_dx * np.asarray(factor)[..., None]
     return np.where(mask[..., None], g, 0.0)
 
 
@@ -162,7 +192,12 @@ def cross_entropy_with_grad(logits, targets, *, weight=None, ignore_index=-100,
                 label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                 logit_scale=logit_scale, normalizer=normalizer)
     loss, lse = cross_entropy(logits, targets, return_lse=True, **opts)
-    return loss, cross_entropy_backward(logits, targets, lse, grad_output, **opts)
+    # p from the log-softmax (exp(z - lse) loses it where z and lse are huge)
+    b, mask, denom = _row_terms(logits, targets, weight, ignore_index, reduction,
+                                label_smoothing, normalizer)
+    u, k, dz_dx = _transform(logits, softcap, logit_scale)
+    p = np.exp(_log_softmax_lse(u, k)[0])
+    return loss, _grad(b, mask, denom, p, lse, dz_dx, grad_output, reduction, z_loss)
 
 
 # ---------------------------------------------------------------------------
@@ -274,11 +309,12 @@ def token_stats(logits, targets, *, ignore_index=-100, temperature=1.0):
     """Per-token logprob, lse, entropy, correct, top_prob, rank (lmxent.token_stats's
     conventions: ignored targets get logprob 0, correct False, rank -1; NaN rows rank -1)."""
     from .token_stats import TokenStats
-    z = _scaled(logits, temperature)
+    _check_temperature(temperature)
+    z = np.asarray(logits, dtype=np.float64)  # ranks and argmax: the order of x / T
     V = z.shape[-1]
-    lse = logsumexp(z)
+    lp, lse = _log_softmax_lse(z, 1.0 / temperature)
+    lse = lse[..., 0]
     with np.errstate(invalid="ignore"):
-        lp = z - lse[..., None]
         p = np.exp(lp)
         entropy = -np.sum(np.where(p > 0, p * lp, 0.0), axis=-1)
         entropy = np.where(np.isfinite(lse), entropy, np.nan)
@@ -288,8 +324,8 @@ def token_stats(logits, targets, *, ignore_index=-100, temperature=1.0):
         zt = np.take_along_axis(z, tt[..., None], -1)
         above = np.sum(z > zt, axis=-1) + np.sum((z == zt) & (np.arange(V) < tt[..., None]), axis=-1)
         rank = np.where(ignored | np.isnan(lse), -1, above)
-        logprob = np.where(ignored, 0.0, zt[..., 0] - lse)
-        top_prob = np.exp(np.max(z, axis=-1) - lse)
+        logprob = np.where(ignored, 0.0, np.take_along_axis(lp, tt[..., None], -1)[..., 0])
+        top_prob = np.exp(np.max(lp, axis=-1))
     return TokenStats(logprob, lse, entropy, rank == 0, top_prob, rank)
 
 

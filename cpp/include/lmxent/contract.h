@@ -222,18 +222,21 @@ LMXENT_HD CESpread ce_spread(bool prob_targets, double eps, int64_t V) {
 }
 
 // A zero weight contributes nothing, even against a -inf logit (the masked
-// vocabulary case), so 0 * inf is never formed.
+// vocabulary case), so 0 * inf is never formed; nor is a zero z_loss times an
+// infinite LSE. lse_zt = lse - z_t, passed formed (relative to the row's max
+// where z and lse are huge).
 template <class C>
-LMXENT_HD C ce_loss(C lse, C z_t, C hard_w, C t_sum, C tz_sum, C z_loss) {
-  C hard = hard_w == (C)0 ? (C)0 : hard_w * (lse - z_t);
+LMXENT_HD C ce_loss(C lse, C lse_zt, C hard_w, C t_sum, C tz_sum, C z_loss) {
+  C hard = hard_w == (C)0 ? (C)0 : hard_w * lse_zt;
   C spread = t_sum == (C)0 ? (C)0 : lse * t_sum - tz_sum;
-  return hard + spread + z_loss * lse * lse;
+  C zl = z_loss == (C)0 ? (C)0 : z_loss * lse * lse;
+  return hard + spread + zl;
 }
 
 // A in dL/dz_j = A * p_j - t_j - hard_w [j == t].
 template <class C>
 LMXENT_HD C ce_grad_coef(C lse, C hard_w, C t_sum, C z_loss) {
-  return hard_w + t_sum + (C)2 * z_loss * lse;
+  return hard_w + t_sum + (z_loss == (C)0 ? (C)0 : (C)2 * z_loss * lse);
 }
 
 // dz/dx of the transform, given z: scale, times 1 - tanh^2 under a softcap.
