@@ -184,8 +184,11 @@ def check_against_reference_and_torch(s, s64, t, t64, direction, dtype, temperat
     assert_grad_close(g, rg, dtype, gscale=GSCALE / temperature)
     if torch is not None:
         tl, tg = torch_kl(s64, t64, direction, temperature)
-        np.testing.assert_allclose(rl, tl, rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(rg, tg, rtol=1e-10, atol=1e-13)
+        # torch rounds z = x / T at the offset's magnitude (1e6 / 0.7 carries ~1e-10 of
+        # error in float64); the reference scales values already centred on the max
+        tol = 1e-12 if temperature == 1.0 else 1e-9
+        np.testing.assert_allclose(rl, tl, rtol=tol, atol=tol)
+        np.testing.assert_allclose(rg, tg, rtol=tol * 100, atol=1e-13 if tol < 1e-9 else tol)
 
 
 def test_offset_reproducers():

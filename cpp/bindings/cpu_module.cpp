@@ -288,6 +288,8 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("pool_set_limit", &lmxent::cpu::pool_set_limit, py::arg("limit"));
   m.def("isa", [] { return std::string(lmxent::cpu::active().isa); });
   m.def("set_isa", [](const std::string& name) {
+    if (name.find('\0') != std::string::npos)  // select() reads a C string: "avx2\0x" is not avx2
+      fail("isa", "a name with a NUL character is not an instruction set");
     if (!lmxent::cpu::select(name.c_str())) fail("isa", "'" + name + "' is not available on this processor");
   });
   m.def("available_isas", [] {

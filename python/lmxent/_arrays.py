@@ -344,7 +344,11 @@ def class_ids(targets, lead, V, ignore_index, name="targets", xp=np):
 
 
 def real(value, name):
-    """float(value), with an error naming the option (float(None) does not)."""
+    """float(value) of a Python or NumPy number or a 0-d real array, with an error
+    naming the option; strings and bools are refused (float("1.0") would pass)."""
+    if isinstance(value, (str, bytes, bool, np.bool_)) or (
+            isinstance(value, np.ndarray) and value.dtype.kind not in "iuf"):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
     try:
         return float(value)
     except (TypeError, ValueError):
@@ -392,7 +396,9 @@ def check_no_self_overlap(a, name):
     stride of 0, or an as_strided view whose axes interleave): each element would
     be written several times, from different inputs. Axes sorted by stride must
     each step over the whole extent of the smaller ones (conservative, as torch's
-    internal-overlap check)."""
+    internal-overlap check). An empty array has nothing to overlap."""
+    if a.size == 0:
+        return
     span = a.itemsize
     for n, st in sorted(((n, abs(st)) for n, st in zip(a.shape, a.strides) if n > 1),
                         key=lambda d: d[1]):

@@ -31,7 +31,7 @@ def _check_temperature(temperature):
         raise ValueError(f"temperature must be positive, got {temperature}")
 
 
-def _log_softmax_lse(u, k, axis=-1):
+def _log_softmax_lse(u, k, axis=-1, relative=False):
     """(log softmax, lse) of z = k * u along `axis` (keepdims): z - lse, with
     lse = m + log sum exp(z - m) for m the max of z; where k m is huge (a temperature
     or scale far from 1) relative to the max of u instead,
@@ -46,7 +46,7 @@ def _log_softmax_lse(u, k, axis=-1):
         lse = km + np.log(np.sum(np.exp(z - km), axis=axis, keepdims=True))
         d = np.where(u == m, 0.0, k * (u - m))  # k (u - m) is 0 at the max, even for k = inf
         ls = np.log(np.sum(np.exp(d), axis=axis, keepdims=True))
-        huge = np.abs(km) > 2.0**20  # z - lse would lose log sum to z's rounding
+        huge = relative | (np.abs(km) > 2.0**20)  # z - lse would lose log sum to rounding
         return np.where(huge, d - ls, z - lse), np.where(huge, km + ls, lse)
 
 
@@ -330,15 +330,11 @@ def token_stats(logits, targets, *, ignore_index=-100, temperature=1.0):
 
 
 def _log_probs(x, temperature):
-    """log softmax as (z - max) - log(sum exp(z - max)): z - lse would lose log(sum)
-    beside a large max (1e30 + log 3 == 1e30 in float64), which every logit of a row
-    offset by 1e30 shares."""
-    z = _scaled(x, temperature)
-    m = np.max(z, axis=-1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)  # undefined rows are NaN in the end
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        c = z - m
-        return c - np.log(np.sum(np.exp(c), axis=-1, keepdims=True))
+    """log softmax of x / temperature over the last axis, always relative to the row's
+    max: KL subtracts two of them, so the shared offset of a row (1e6 + log 3 keeps
+    only ~10 digits of log 3 in float64) must cancel exactly."""
+    _check_temperature(temperature)
+    return _log_softmax_lse(x, 1.0 / temperature, relative=True)[0]
 
 
 def kl_divergence(student_logits, teacher_logits, *, temperature=1.0, direction="forward",
