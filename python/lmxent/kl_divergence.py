@@ -26,7 +26,7 @@ is taken on the device, so a call never waits for the GPU.
 import numpy as np
 
 from . import _arrays as A
-from .cross_entropy import _mean
+from .cross_entropy import grad_factor, reduce_loss
 
 _DIRECTIONS = {"forward": 0, "reverse": 1, "js": 2}
 _REDUCTIONS = ("none", "sum", "batchmean")
@@ -77,12 +77,13 @@ def kl_divergence(student_logits, teacher_logits, *, temperature=1.0, direction=
                              f"vocabulary axis), got {m.shape}")
         m = A.require(m.reshape(-1), np.uint8)
     # rows counted: on the device for a CuPy mask (no round trip)
+    mean = "mean" if reduction == "batchmean" else reduction  # divided by `counted`
     counted = n if m is None else int(np.count_nonzero(m)) if xp is np else xp.count_nonzero(m)
 
     grad_scale, grad_rows = 1.0, None
     g2 = g = None
     if return_grad:
-        grad_scale, grad_rows = _grad_factors(grad_output, reduction, counted, lead, ct, xp)
+        grad_scale, grad_rows = grad_factor(grad_output, mean, counted, lead, ct, xp)
         if inplace:
             A.check_no_self_overlap(s, "student_logits")
             if A.shares_memory(s2, grad_rows):
@@ -96,36 +97,5 @@ def kl_divergence(student_logits, teacher_logits, *, temperature=1.0, direction=
     loss = xp.empty(n, ct)
     A.kernels(s).kl_divergence(s2, t2, m, scale, _DIRECTIONS[direction], loss, g2, grad_scale,
                                grad_rows)
-    if reduction == "none":
-        out = loss.reshape(lead)
-    else:
-        total = loss.sum(dtype=np.float64)
-        if reduction == "batchmean":
-            total = _mean(total, counted, xp)
-        out = xp.asarray(total, dtype=ct)
+    out = reduce_loss(loss, mean, counted, lead, ct, xp)
     return (out, g) if return_grad else out
-
-
-def _grad_factors(grad_output, reduction, counted, lead, ct, xp):
-    """(grad_scale, grad_rows) for the kernel. On CuPy a device grad_output, or a
-    "batchmean" whose count is on the device, becomes per-row factors on the
-    device: no host round trip."""
-    device = xp is not np and A._is_cupy(grad_output)
-    go = A.real_array(grad_output, "grad_output", xp if device else np)
-    if go.ndim == 0:
-        g = go.astype(np.float64) if device else float(go)
-        if reduction == "batchmean":
-            g = _mean(g, counted, xp)
-        if not A._is_cupy(g):
-            return float(g), None
-        n = int(np.prod(lead, dtype=np.int64))
-        return 1.0, A.require(xp.broadcast_to(xp.asarray(g, dtype=ct), (n,)), ct)
-    if reduction != "none":
-        raise ValueError(f"grad_output must be a scalar for reduction={reduction!r}")
-    go = A.asarray(go, "grad_output", xp)
-    try:
-        go = xp.broadcast_to(go, lead)
-    except ValueError:
-        raise ValueError(f"grad_output: shape {go.shape} does not broadcast to the "
-                         f"per-row loss shape {lead}") from None
-    return 1.0, A.require(go.reshape(-1), ct)
