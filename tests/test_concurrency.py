@@ -28,7 +28,8 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
 
 @pytest.fixture(autouse=True)
 def watchdog():
-    faulthandler.dump_traceback_later(2 * TIMEOUT, exit=True)  # after the test's own timeouts
+    # after the test's own timeouts; to the real stderr (pytest's --capture=sys has no fd)
+    faulthandler.dump_traceback_later(2 * TIMEOUT, exit=True, file=sys.__stderr__)
     yield
     faulthandler.cancel_dump_traceback_later()
 
