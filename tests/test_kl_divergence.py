@@ -7,7 +7,7 @@ import pytest
 
 import lmxent as lx
 from lmxent import reference as R
-from conftest import (DTYPE_IDS, DTYPES, F16, F32, F64, assert_grad_close, assert_loss_close,
+from conftest import (BF16, DTYPE_IDS, DTYPES, F16, F32, F64, assert_grad_close, assert_loss_close,
                       dtype_id, lowp, numeric_grad, torch)
 
 DIRECTIONS = ["forward", "reverse", "js"]
@@ -243,3 +243,28 @@ def test_huge_finite_logits(isa, dtype, direction):
     t, t64 = lowp(rows[[0, 1, 2, 2]], dtype)
     check_against_reference_and_torch(s, s64, t, t64, direction, dtype)
     assert np.isfinite(lx.kl_divergence(s, t, direction=direction, reduction="none")).all()
+
+
+@pytest.mark.parametrize("dtype", [F32, F16] + ([BF16] if BF16 is not None else []),
+                         ids=dtype_id)
+@pytest.mark.parametrize("temperature", [1e300, 1e39, 1e-39, 1e-300])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_temperature_outside_float32_is_its_limit(rng, dtype, temperature, direction):
+    """1/T outside float32's range (NaN before): the limit, as the reference computes it
+    (uniform distributions for a huge T, one-hot ones for a tiny T). Losses and
+    gradients beyond the dtype's range are inf, never NaN; in place too."""
+    s, s64 = lowp(rng.normal(scale=5.0, size=(3, 7)), dtype)
+    t, t64 = lowp(rng.normal(scale=5.0, size=(3, 7)), dtype)
+    rl, rg = R.kl_divergence(s64, t64, temperature=temperature, direction=direction,
+                               reduction="none", return_grad=True)
+    top = float(np.finfo(np.float32).max)
+    for inplace in (False, True):
+        x = s.copy()
+        loss, g = lx.kl_divergence(x, t, temperature=temperature, direction=direction,
+                                   reduction="none", return_grad=True, inplace=inplace)
+        assert not np.isnan(loss).any() and not np.isnan(g.astype(np.float64)).any()
+        np.testing.assert_allclose(loss, np.where(rl > top, np.inf, rl), rtol=1e-5, atol=1e-12)
+        big = np.abs(rg) > float(np.finfo(np.float16).max if dtype == F16 else top)
+        want = np.where(big, np.sign(rg) * np.inf, rg)
+        fin = np.abs(np.where(big, 0.0, rg)).max()
+        np.testing.assert_allclose(g.astype(np.float64), want, rtol=2e-2, atol=1e-6 * fin)

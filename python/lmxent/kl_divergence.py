@@ -66,6 +66,9 @@ def kl_divergence(student_logits, teacher_logits, *, temperature=1.0, direction=
     n = s2.shape[0]
     ct = A.compute_dtype(s.dtype)
     scale = 1.0 / A.positive(temperature, "temperature")
+    # 1/T far outside float32's range: the float64 kernel computes the limit (uniform,
+    # one-hot), on float64 copies of both rows -- only for such temperatures
+    kt = ct if ct == np.float64 or 2.0**-100 <= scale <= 2.0**100 else np.dtype(np.float64)
 
     m = None
     if mask is not None:
@@ -83,7 +86,7 @@ def kl_divergence(student_logits, teacher_logits, *, temperature=1.0, direction=
     grad_scale, grad_rows = 1.0, None
     g2 = g = None
     if return_grad:
-        grad_scale, grad_rows = grad_factor(grad_output, mean, counted, lead, ct, xp)
+        grad_scale, grad_rows = grad_factor(grad_output, mean, counted, lead, kt, xp)
         if inplace:
             A.check_no_self_overlap(s, "student_logits")
             if A.shares_memory(s2, grad_rows):
@@ -94,8 +97,14 @@ def kl_divergence(student_logits, teacher_logits, *, temperature=1.0, direction=
             g = A.empty(xp, s.shape, s.dtype)
             g2 = g.reshape(s2.shape)
 
-    loss = xp.empty(n, ct)
-    A.kernels(s).kl_divergence(s2, t2, m, scale, _DIRECTIONS[direction], loss, g2, grad_scale,
+    ks, kt2, kg = s2, t2, g2
+    if kt != ct:
+        ks, kt2 = s2.astype(kt), t2.astype(kt)
+        kg = None if g2 is None else xp.empty(s2.shape, kt)
+    loss = xp.empty(n, kt)
+    A.kernels(s).kl_divergence(ks, kt2, m, scale, _DIRECTIONS[direction], loss, kg, grad_scale,
                                grad_rows)
-    out = reduce_loss(loss, mean, counted, lead, ct, xp)
+    if kg is not g2:
+        g2[...] = kg.astype(g2.dtype)
+    out = reduce_loss(loss.astype(ct, copy=False), mean, counted, lead, ct, xp)
     return (out, g) if return_grad else out
