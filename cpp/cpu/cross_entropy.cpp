@@ -104,7 +104,9 @@ struct CEOp {
         V<C> th, u = tr.pre(xv, &th);
         // a caller's LSE: M = 0, z - lse directly (one subtraction less)
         V<C> d = decltype(any_sign)::value && !Wd ? sh.L.sub(u * sh.kz.hi) : sh.template sub<Wd>(u);
-        V<C> p = decltype(any_sign)::value ? vexp<C>(d) : vexp_neg(d);
+        // a caller's LSE is almost always >= the row's logits: then the exp of
+        // x <= 0 (cheaper) serves; NaN passes through either
+        V<C> p = decltype(any_sign)::value && any_positive(d) ? vexp<C>(d) : vexp_neg(d);
         if (!S::active) return tr.template times_slope<Wd>(A.template mul<Wd>(p), th);
         V<C> t = n == Vec<C>::W ? sp.vec(j) : sp.part(j, n);
         return tr.template times_slope<Wd>(A.template mul<Wd>(p) - rs.template mul<Wd>(t), th);

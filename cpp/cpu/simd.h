@@ -75,6 +75,35 @@ template <class C> inline C hmax(V<C> v) {
   return m;
 }
 
+// Whether a lane of v is > 0 (NaN is not), with one compare and a mask move:
+// picks the exp of x <= 0 for a whole vector when it applies.
+inline bool any_positive(V<float> v) {
+#if LMXENT_VBYTES == 64
+  return _mm512_cmp_ps_mask((__m512)v, _mm512_setzero_ps(), _CMP_GT_OQ) != 0;
+#elif LMXENT_VBYTES == 32
+  return _mm256_movemask_ps(_mm256_cmp_ps((__m256)v, _mm256_setzero_ps(), _CMP_GT_OQ)) != 0;
+#elif defined(__SSE2__)
+  return _mm_movemask_ps(_mm_cmpgt_ps((__m128)v, _mm_setzero_ps())) != 0;
+#else
+  for (int i = 0; i < Vec<float>::W; ++i)
+    if (v[i] > 0) return true;
+  return false;
+#endif
+}
+inline bool any_positive(V<double> v) {
+#if LMXENT_VBYTES == 64
+  return _mm512_cmp_pd_mask((__m512d)v, _mm512_setzero_pd(), _CMP_GT_OQ) != 0;
+#elif LMXENT_VBYTES == 32
+  return _mm256_movemask_pd(_mm256_cmp_pd((__m256d)v, _mm256_setzero_pd(), _CMP_GT_OQ)) != 0;
+#elif defined(__SSE2__)
+  return _mm_movemask_pd(_mm_cmpgt_pd((__m128d)v, _mm_setzero_pd())) != 0;
+#else
+  for (int i = 0; i < Vec<double>::W; ++i)
+    if (v[i] > 0) return true;
+  return false;
+#endif
+}
+
 // ---- loads and stores with conversion -------------------------------------
 
 inline V<float> load(const float* p) { V<float> v; memcpy(&v, p, sizeof v); return v; }
