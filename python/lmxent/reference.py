@@ -447,6 +447,17 @@ __all__ += ["Samples", "Beams", "process_logits", "sample", "top_k", "beam_searc
 _LOGPROBS_OF = ("raw", "processed")
 
 
+def _is_int(v):
+    """A Python or NumPy integer, not a bool (an int subclass, but surely a mistake)."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _check_rows_shape(a, name, lead):
+    if a.shape not in ((), lead):
+        raise ValueError(f"{name} must be a scalar or have the rows' shape {lead}, "
+                         f"got shape {a.shape}")
+
+
 def _per_row(value, name, lead, off, integer=False):
     """`value` (None means `off`) as an array of the rows' shape `lead`: int64 ids/counts
     when `integer`, else float64. A scalar applies to every row."""
@@ -455,9 +466,7 @@ def _per_row(value, name, lead, off, integer=False):
                                (not integer and np.issubdtype(a.dtype, np.floating))):
         kind = "integers" if integer else "real numbers"
         raise TypeError(f"{name} must be {kind}, got {value!r}")
-    if a.shape not in ((), lead):
-        raise ValueError(f"{name} must be a scalar or have the rows' shape {lead}, "
-                         f"got shape {a.shape}")
+    _check_rows_shape(a, name, lead)
     return np.broadcast_to(a.astype(np.int64 if integer else np.float64), lead)
 
 
@@ -478,9 +487,7 @@ def _uint64_per_row(value, name, lead):
     if a.dtype == object or a.dtype == bool or not np.issubdtype(a.dtype, np.integer) \
             or (np.issubdtype(a.dtype, np.signedinteger) and (a < 0).any()):
         raise ValueError(f"{name} must be integers in [0, 2**64), got {value!r}")
-    if a.shape not in ((), lead):
-        raise ValueError(f"{name} must be a scalar or have the rows' shape {lead}, "
-                         f"got shape {a.shape}")
+    _check_rows_shape(a, name, lead)
     return a.astype(np.uint64)
 
 
@@ -489,8 +496,7 @@ def _bias(logit_bias, lead, V):
     if isinstance(logit_bias, dict):
         b = np.zeros(V)
         for i, v in logit_bias.items():
-            if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)) \
-                    or not 0 <= i < V:
+            if not (_is_int(i) and 0 <= i < V):
                 raise ValueError(f"logit_bias ids must be integers in [0, {V}), got {i!r}")
             b[i] = v
     else:
@@ -617,8 +623,7 @@ def top_k(x, k, axis=-1):
     torch.topk: NaN counts as larger than any number; ties in the lower index first
     (torch leaves the order of ties unspecified)."""
     x = np.moveaxis(np.asarray(x, dtype=np.float64), axis, -1)
-    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) \
-            or not 0 <= k <= x.shape[-1]:
+    if not (_is_int(k) and 0 <= k <= x.shape[-1]):
         raise ValueError(f"k must be an integer in [0, {x.shape[-1]}], got {k!r}")
     nan = np.isnan(x)
     order = np.lexsort((np.where(nan, 0.0, -x), ~nan), axis=-1)[..., :k]  # stable
@@ -661,8 +666,7 @@ def sample(logits, *, temperature=1.0, logit_bias=None, top_k=None, top_p=None, 
     logits z (logprobs_of="raw") or the processed ones ("processed")."""
     if logprobs_of not in _LOGPROBS_OF:
         raise ValueError(f"logprobs_of must be one of {_LOGPROBS_OF}, got {logprobs_of!r}")
-    if isinstance(num_logprobs, (bool, np.bool_)) or \
-            not isinstance(num_logprobs, (int, np.integer)) or num_logprobs < 0:
+    if not (_is_int(num_logprobs) and num_logprobs >= 0):
         raise ValueError(f"num_logprobs must be an integer >= 0, got {num_logprobs!r}")
     y, nan_row = _process(logits, temperature, logit_bias, top_k, top_p, min_p,
                           repetition_penalty, presence_penalty, frequency_penalty,
@@ -710,8 +714,7 @@ def beam_search_step(scores, logprobs, beam_width, *, finished=None, eos_id=None
         raise ValueError(f"need scores (batch, W) and logprobs (batch, W, V), got "
                          f"{s.shape} and {lp.shape}")
     batch, W, V = lp.shape
-    if isinstance(beam_width, (bool, np.bool_)) or not isinstance(beam_width, (int, np.integer)) \
-            or not 1 <= beam_width <= W * V:
+    if not (_is_int(beam_width) and 1 <= beam_width <= W * V):
         raise ValueError(f"beam_width must be an integer in [1, W * V = {W * V}], "
                          f"got {beam_width!r}")
     cand = s[..., None] + lp
@@ -720,8 +723,7 @@ def beam_search_step(scores, logprobs, beam_width, *, finished=None, eos_id=None
         if fin.shape != s.shape:
             raise ValueError(f"finished must have shape {s.shape}, got {fin.shape}")
         if fin.any():
-            if isinstance(eos_id, (bool, np.bool_)) or not isinstance(eos_id, (int, np.integer)) \
-                    or not 0 <= eos_id < V:
+            if not (_is_int(eos_id) and 0 <= eos_id < V):
                 raise ValueError(f"eos_id must be a token id in [0, {V}) when a beam has "
                                  f"finished, got {eos_id!r}")
             only_eos = np.where(np.arange(V) == eos_id, s[..., None], -np.inf)
@@ -750,7 +752,7 @@ def beam_search(step_fn, prompts, *, beam_width, max_len, eos_id, length_penalty
         raise ValueError(f"prompts must be an integer array (batch, t0), got {prompts.dtype} "
                          f"{prompts.shape}")
     for name, v in (("beam_width", beam_width), ("max_len", max_len)):
-        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 1:
+        if not (_is_int(v) and v >= 1):
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     if not np.isfinite(length_penalty):
         raise ValueError(f"length_penalty must be finite, got {length_penalty}")
@@ -766,7 +768,7 @@ def beam_search(step_fn, prompts, *, beam_width, max_len, eos_id, length_penalty
         if logits.ndim != 2 or logits.shape[0] != batch * W:
             raise ValueError(f"step_fn must return logits ({batch * W}, V), got {logits.shape}")
         V = logits.shape[1]
-        if not 0 <= eos_id < V:
+        if not (_is_int(eos_id) and 0 <= eos_id < V):
             raise ValueError(f"eos_id must be a token id in [0, {V}), got {eos_id}")
         logp = log_softmax(logits).reshape(batch, W, V)
         scores, parent, tokens = beam_search_step(scores, logp, W, finished=finished,
