@@ -220,7 +220,13 @@ def test_nan_and_inf_rows():
     assert s.tokens[:3].tolist() == [-1, -1, -1] and s.tokens[3] >= 0
     assert np.isnan(s.logprob[:3]).all() and s.rank[:3].tolist() == [-1, -1, -1]
     assert (s.top_ids[:3] == -1).all() and np.isnan(s.top_logprobs[:3]).all()
-    # a +inf bias is refused, a -inf logit + finite bias stays -inf
+    # logits that overflow to +inf on the way (temperature, penalties) leave no distribution
+    y = ref.process_logits(np.array([[1e300, 0.0], [-1e300, 0.0]]), temperature=1e-10)
+    assert np.isnan(y[0]).all() and y[1].tolist() == [-np.inf, 0.0]
+    y = ref.process_logits(np.array([1e308, 0.0]), repetition_penalty=0.1,
+                           prev_tokens=np.array([0]))
+    assert np.isnan(y).all()
+    # a -inf logit + finite bias stays -inf
     y = ref.process_logits(np.array([-np.inf, 0.0]), logit_bias={0: 5.0})
     assert y.tolist() == [-np.inf, 0.0]
 

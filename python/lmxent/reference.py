@@ -576,18 +576,21 @@ def _process(logits, temperature, logit_bias, top_k, top_p, min_p, repetition_pe
         counts = _history_counts(prev_tokens, lead, V)
         seen = counts > 0
         r = rp[..., None]
-        x = np.where(seen, np.where(x < 0, x * r, x / r), x)  # HF: each distinct id once
-        x = x - pres[..., None] * seen - freq[..., None] * counts  # OpenAI
-    nan_row = np.any(np.isnan(x) | (x == np.inf), axis=-1)  # no distribution
-
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow: a NaN row below
+            x = np.where(seen, np.where(x < 0, x * r, x / r), x)  # HF: each distinct id once
+            x = x - pres[..., None] * seen - freq[..., None] * counts  # OpenAI
+    nan_row = np.zeros(lead, dtype=bool)
     for s in np.ndindex(lead):
         row = x[s]
-        if nan_row[s] or np.max(row) == -np.inf:
-            continue  # NaN rows become NaN below; nothing to remove from all -inf
         if T[s] == 0:  # greedy: only the first argmax stays, with its logit
             row[np.arange(V) != np.argmax(row)] = -np.inf
         else:
-            row /= T[s]
+            with np.errstate(over="ignore"):
+                row /= T[s]
+        # no distribution: a NaN or +inf logit, or one that overflowed on the way here
+        nan_row[s] = np.isnan(row).any() or (row == np.inf).any()
+        if nan_row[s] or np.max(row) == -np.inf:
+            continue  # NaN rows become NaN below; nothing to remove from all -inf
         if 0 < k[s] < V:
             row[row < np.sort(row)[::-1][k[s] - 1]] = -np.inf  # ties with the k-th stay
         if p[s] < 1:
@@ -613,7 +616,8 @@ def process_logits(logits, *, temperature=1.0, logit_bias=None, top_k=None, top_
     whose strictly-more-likely mass is < top_p (see _top_p_keep); min_p keeps
     p >= min_p * max p, computed as exp(z - max z) >= min_p. "Off": top_k None/0,
     top_p None/1, min_p None/0, repetition_penalty None/1, penalties 0. A row with a
-    NaN or +inf after the bias and penalties is all NaN."""
+    NaN or +inf after the temperature step (a NaN or +inf logit, or an overflow of
+    the penalties or of logits / temperature) has no distribution: it is all NaN."""
     return _process(logits, temperature, logit_bias, top_k, top_p, min_p,
                     repetition_penalty, presence_penalty, frequency_penalty, prev_tokens)[0]
 
