@@ -611,3 +611,13 @@ def test_hf_top_p_differs_at_ties():
     theirs = np.isfinite(hf_apply([lp.TopPLogitsWarper(0.5)], x))
     assert ours.tolist() == [[True, True, True]]
     assert theirs.sum() == 2
+
+
+def test_docs_generation_loop_runs(capsys):
+    # docs/decoding.md's generation loop, as written there
+    from pathlib import Path
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "decoding.md").read_text()
+    loop = doc.split("## A generation loop")[1].split("```python\n")[1].split("```")[0]
+    exec(compile(loop, "docs/decoding.md", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 6 * 4 and all(line.startswith("step ") for line in lines)
