@@ -238,6 +238,9 @@ def test_vocabulary_of_one():
     s = ref.sample(x, num_logprobs=3, **opts)
     assert s.tokens.tolist() == [0, 0] and s.logprob.tolist() == [0.0, 0.0]
     assert s.top_ids.tolist() == [[0, -1, -1]] * 2
+    for bad in (np.zeros((2, 0)), np.float64(1.0)):
+        with pytest.raises(ValueError, match="vocabulary axis"):
+            ref.process_logits(bad)
 
 
 def test_off_values_change_nothing(rng):
@@ -516,13 +519,15 @@ def test_bad_temperature_names_the_row():
     (dict(seed=-1), "seed must be integers"),
     (dict(seed=2**64), "seed must be integers"),
     (dict(seed=0.5), "seed must be integers"),
+    (dict(seed=True), "seed must be integers"),
+    (dict(seed=[2**64, 1]), "seed must be integers"),
     (dict(offset=np.array([-1, 2])), "offset must be integers"),
     (dict(offset=np.array([1, 2, 3])), "offset must be a scalar or have the rows' shape"),
     (dict(num_logprobs=-1), "num_logprobs"),
     (dict(logprobs_of="final"), "logprobs_of"),
 ])
 def test_bad_sampling_options(opts, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         ref.sample(np.zeros((2, 5)), **opts)
 
 

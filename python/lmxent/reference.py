@@ -480,12 +480,11 @@ def _require(ok, name, rule, values):
 
 def _uint64_per_row(value, name, lead):
     """Seeds and offsets: integers in [0, 2**64), scalar or one per row."""
-    try:
-        a = np.asarray(value)
-    except OverflowError:
-        a = np.asarray(-1)
-    if a.dtype == object or a.dtype == bool or not np.issubdtype(a.dtype, np.integer) \
-            or (np.issubdtype(a.dtype, np.signedinteger) and (a < 0).any()):
+    a = np.asarray(value)
+    wide = a.dtype == object and all(_is_int(v) for v in a.ravel())  # beyond 64 bits
+    if not wide and (a.dtype == bool or not np.issubdtype(a.dtype, np.integer)):
+        raise TypeError(f"{name} must be integers, got {value!r}")
+    if wide or (np.issubdtype(a.dtype, np.signedinteger) and (a < 0).any()):
         raise ValueError(f"{name} must be integers in [0, 2**64), got {value!r}")
     _check_rows_shape(a, name, lead)
     return a.astype(np.uint64)
