@@ -303,6 +303,12 @@ def test_batch_composition_and_repeat(rng):
     # the flat row index runs over every leading axis
     full2 = ref.sample(x.reshape(4, 6, 100), **opts)
     assert full2.tokens.reshape(-1).tolist() == full.tokens.tolist()
+    # a scalar offset counts on modulo 2**64
+    wrapped = ref.sample(x[:4], **{**opts, "offset": 2**64 - 2})
+    explicit = ref.sample(x[:4], **{**opts, "offset": np.array([2**64 - 2, 2**64 - 1, 0, 1],
+                                                               np.uint64)})
+    assert wrapped.tokens.tolist() == explicit.tokens.tolist()
+    assert wrapped.tokens[2:].tolist() == full.tokens[:2].tolist()
     # other seeds or offsets draw other tokens
     assert ref.sample(x, **{**opts, "seed": 99}).tokens.tolist() != full.tokens.tolist()
     assert ref.sample(x, offset=24, **opts).tokens.tolist() != full.tokens.tolist()
