@@ -118,7 +118,7 @@ struct Arrays {
 
   // A view of `ref`'s shape in `dtype`, or an empty view for None.
   View2D like(py::handle a, const std::string& name, bool writable, const View2D& ref, DType dtype,
-              const std::string& mismatch) {
+              const char* mismatch) {
     if (a.is_none()) return View2D();
     View2D v = view(a, name, writable);
     if (v.dtype != dtype || v.rows != ref.rows || v.cols != ref.cols) fail(name, mismatch);
