@@ -1176,6 +1176,7 @@ def test_missing_cuda_backend_is_a_clear_error(monkeypatch):
 
     monkeypatch.setattr(A, "_CUDA", None)
     monkeypatch.setitem(sys.modules, "lmxent._cuda", None)  # import fails
+    monkeypatch.delattr(lx, "_cuda", raising=False)  # (else `from . import _cuda` finds it)
     for fn in FNS:
         with pytest.raises(TypeError, match=r"CuPy arrays need the CUDA backend \(lmxent._cuda\)"):
             getattr(lx, fn)(CupyLike())
