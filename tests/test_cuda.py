@@ -1113,6 +1113,24 @@ def test_bindings_share_one_signature_per_op():
             assert getattr(m, op).__doc__.split("\n", 1)[1].strip(), (m.__name__, op)
 
 
+def test_bindings_refuse_foreign_and_unaligned_arrays():
+    """One set of checks for both modules: an object of the other library (or none at
+    all) is a ValueError naming the argument (lmxent._cpu crashed on a list), and so
+    is an unaligned per-row vector."""
+    x = np.zeros((4, 8), np.float32)
+    with pytest.raises(ValueError, match="out: expected a NumPy array, got list"):
+        _cpu.softmax(x, [1, 2], None, 1.0, False)
+    unaligned = np.zeros(4 * 4 + 1, np.uint8)[1:].view(np.float32)
+    with pytest.raises(ValueError, match="lse: array is not aligned"):
+        _cpu.softmax(x, None, unaligned, 1.0, False)
+    try:
+        from lmxent import _cuda
+    except ImportError:
+        return
+    with pytest.raises(ValueError, match="x: expected a CuPy array"):  # before any CUDA call
+        _cuda.softmax(x, None, None, 1.0, False)
+
+
 def test_fake_cuda_forwards_any_call_form(rng):
     """Positional and keyword arguments, checked against the binding's parameters;
     host arrays and ops lmxent._cuda lacks refused."""

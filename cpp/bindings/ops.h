@@ -1,9 +1,11 @@
 // Every kernel binding, once for both modules: per op, the builder of its
 // argument struct from the module's arrays (checked by core.h), then its entry
 // in bind_ops: name, docstring, keyword names (the same in lmxent._cpu and
-// lmxent._cuda). A new op is a builder and an entry here, plus its kernel call
-// in each module's `run`. The public API in python/lmxent reshapes, validates
-// values and allocates outputs; these take 2-D rows and 1-D per-row arrays.
+// lmxent._cuda, listed in each module's `ops`, which the tests' CuPy stand-in
+// forwards). A new op's binding is a builder and an entry here, plus its line
+// in the `kernel` overloads of cpu_module.cpp and cuda_module.cpp. The public
+// API in python/lmxent reshapes, validates values and allocates outputs; these
+// take 2-D rows and 1-D per-row arrays.
 #pragma once
 #include "core.h"
 
