@@ -14,7 +14,9 @@ Every test runs with two array modules (the `xp` fixture):
 
 Also here: the error a CuPy array gets when the CUDA backend is missing.
 """
+import inspect
 import operator
+import re
 import sys
 import types
 
@@ -201,57 +203,39 @@ def make_fake_cupy():
 
 
 class FakeCuda:
-    """lmxent._cuda's signatures over the CPU kernels. Every array argument must be
-    a device array. Out-of-range class ids are handled as the CUDA kernels do:
-    never used, the row's loss and gradient (token_stats: logprob) NaN, its rank
-    -1, the row recorded."""
+    """lmxent._cuda over the CPU kernels: the ops of lmxent._cpu.ops, which has the
+    same ops, parameter names and signatures as lmxent._cuda (one binding table
+    builds both), called positionally or by keyword. Every array argument must be a
+    device array. Out-of-range class ids are handled as the CUDA kernels do: never
+    used, the row's loss and gradient (token_stats: logprob) NaN, its rank -1, the
+    row recorded."""
+
+    NAN_ON_BAD_ID = ("loss", "grad", "logprob")  # the outputs a bad id's row gets NaN in
 
     def __init__(self):
         self.bad = []
 
-    @staticmethod
-    def _host(*arrays):
-        for a in arrays:
-            assert a is None or isinstance(a, FakeArray), f"host array {type(a)} sent to a kernel"
-        return [None if a is None else a._a for a in arrays]
+    def __getattr__(self, op):
+        if op not in _cpu.ops:
+            raise AttributeError(op)  # as lmxent._cuda without the op
+        signature = inspect.Signature([inspect.Parameter(p, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                                       for p in _cpu.ops[op]])
+        return lambda *args, **kw: self._run(op, signature.bind(*args, **kw).arguments)
 
-    def _bad_ids(self, t, ignore_index, V):
-        """(rows with an out-of-range id, recorded; the ids with those ignored)."""
-        bad = (t != ignore_index) & ((t < 0) | (t >= V))
-        self.bad += list(np.flatnonzero(bad))
-        return bad, np.where(bad, ignore_index, t)
-
-    def softmax(self, x, out, lse, scale, log):
-        _cpu.softmax(*self._host(x, out, lse), scale, log)
-
-    def cross_entropy(self, logits, targets, probs, class_weight, ignore_index, scale, softcap,
-                      smoothing, z_loss, loss, lse, lse_given, grad, grad_scale, grad_rows):
-        x, t, q, w, lo, ls, g, gr = self._host(logits, targets, probs, class_weight, loss, lse,
-                                               grad, grad_rows)
+    def _run(self, op, kw):
+        for name, a in kw.items():
+            assert not isinstance(a, np.ndarray), f"{op}: host array {name} sent to a kernel"
+        kw = {name: a._a if isinstance(a, FakeArray) else a for name, a in kw.items()}
         bad = None
-        if t is not None:
-            bad, t = self._bad_ids(t, ignore_index, x.shape[1])
-        _cpu.cross_entropy(x, t, q, w, ignore_index, scale, softcap, smoothing, z_loss, lo, ls,
-                           lse_given, g, grad_scale, gr)
-        if bad is not None and bad.any():
-            if lo is not None:
-                lo[bad] = np.nan
-            if g is not None:
-                g[bad] = np.nan
-
-    def token_stats(self, logits, targets, ignore_index, scale, logprob, lse, entropy, top_prob,
-                    rank):
-        x, t, lp, ls, ent, top, rk = self._host(logits, targets, logprob, lse, entropy, top_prob,
-                                                rank)
-        bad, t = self._bad_ids(t, ignore_index, x.shape[1])
-        _cpu.token_stats(x, t, ignore_index, scale, lp, ls, ent, top, rk)  # rank -1: ignored
-        if lp is not None:
-            lp[bad] = np.nan
-
-    def kl_divergence(self, student, teacher, row_mask, scale, direction, loss, grad, grad_scale,
-                      grad_rows):
-        s, t, m, lo, g, gr = self._host(student, teacher, row_mask, loss, grad, grad_rows)
-        _cpu.kl_divergence(s, t, m, scale, direction, lo, g, grad_scale, gr)
+        if kw.get("targets") is not None:  # class ids
+            t, ignore_index = kw["targets"], kw["ignore_index"]
+            bad = (t != ignore_index) & ((t < 0) | (t >= kw["logits"].shape[1]))
+            self.bad += list(np.flatnonzero(bad))
+            kw["targets"] = np.where(bad, ignore_index, t)  # ignored: rank -1
+        getattr(_cpu, op)(**kw)
+        for name in self.NAN_ON_BAD_ID if bad is not None else ():
+            if kw.get(name) is not None:
+                kw[name][bad] = np.nan
 
     def take_status(self, device, stream):
         count, first = len(self.bad), min(self.bad, default=None)
@@ -1105,6 +1089,66 @@ def test_fake_cupy_refuses_host_arrays_like_cupy():
     np.testing.assert_array_equal((d + np.float64(1.0)).get(), np.arange(4.0) + 1)
 
 
+def _doc_params(fn):
+    """The parameter names in the signature line pybind11 puts atop a docstring."""
+    line = fn.__doc__.split("\n", 1)[0]
+    return tuple(re.findall(r"(\w+):", line[line.index("("):]))
+
+
+def test_bindings_share_one_signature_per_op():
+    """lmxent._cpu and lmxent._cuda (importable without a GPU when built) bind the same
+    ops with the same keyword names and a docstring each; `ops` lists those names,
+    which FakeCuda forwards."""
+    modules = [_cpu]
+    try:
+        from lmxent import _cuda
+        modules.append(_cuda)
+    except ImportError:
+        pass
+    for m in modules:
+        assert m.ops == _cpu.ops
+        assert set(m.ops) >= {"softmax", "cross_entropy", "token_stats", "kl_divergence"}
+        for op, params in m.ops.items():
+            assert _doc_params(getattr(m, op)) == params, (m.__name__, op)
+            assert getattr(m, op).__doc__.split("\n", 1)[1].strip(), (m.__name__, op)
+
+
+def test_bindings_refuse_foreign_and_unaligned_arrays():
+    """One set of checks for both modules: an object of the other library (or none at
+    all) is a ValueError naming the argument (lmxent._cpu crashed on a list), and so
+    is an unaligned per-row vector."""
+    x = np.zeros((4, 8), np.float32)
+    with pytest.raises(ValueError, match="out: expected a NumPy array, got list"):
+        _cpu.softmax(x, [1, 2], None, 1.0, False)
+    unaligned = np.zeros(4 * 4 + 1, np.uint8)[1:].view(np.float32)
+    with pytest.raises(ValueError, match="lse: array is not aligned"):
+        _cpu.softmax(x, None, unaligned, 1.0, False)
+    try:
+        from lmxent import _cuda
+    except ImportError:
+        return
+    with pytest.raises(ValueError, match="x: expected a CuPy array"):  # before any CUDA call
+        _cuda.softmax(x, None, None, 1.0, False)
+
+
+def test_fake_cuda_forwards_any_call_form(rng):
+    """Positional and keyword arguments, checked against the binding's parameters;
+    host arrays and ops lmxent._cuda lacks refused."""
+    fake, x = FakeCuda(), rng.normal(size=(3, 7)).astype(np.float32)
+    dx = _fake_asarray(x)
+    lse = [_fake_asarray(np.empty(3, np.float32)) for _ in range(2)]
+    fake.softmax(dx, None, lse[0], 1.0, False)
+    fake.softmax(scale=1.0, log=False, lse=lse[1], out=None, x=dx)
+    for got in lse:
+        np.testing.assert_allclose(got.get(), ref.logsumexp(x), rtol=1e-6)
+    with pytest.raises(TypeError, match="multiple values"):
+        fake.softmax(dx, None, lse[0], 1.0, False, x=dx)
+    with pytest.raises(AssertionError, match="host array lse"):
+        fake.softmax(dx, None, np.empty(3, np.float32), 1.0, False)
+    with pytest.raises(AttributeError):
+        fake.math  # a CPU test hook, not a kernel op
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_lm_head_host_round_trips(monkeypatch, rng, reduction, weighted):
@@ -1150,6 +1194,7 @@ def test_missing_cuda_backend_is_a_clear_error(monkeypatch):
 
     monkeypatch.setattr(A, "_CUDA", None)
     monkeypatch.setitem(sys.modules, "lmxent._cuda", None)  # import fails
+    monkeypatch.delattr(lx, "_cuda", raising=False)  # (else `from . import _cuda` finds it)
     for fn in FNS:
         with pytest.raises(TypeError, match=r"CuPy arrays need the CUDA backend \(lmxent._cuda\)"):
             getattr(lx, fn)(CupyLike())
