@@ -1,7 +1,7 @@
 // Cross-entropy forward, fused forward + gradient, and backward from a saved
 // LSE, for class-id or probability targets, with class weights, label
 // smoothing, z-loss, softcap and logit scale (the CUDA counterpart of
-// cpp/cpu/cross_entropy.cpp; the formulas are in lmxent/contract.h).
+// cpp/cpu/ops/cross_entropy.cpp; the formulas are in lmxent/contract.h).
 //
 // Memory traffic: the forward reads each logit once. The fused gradient has
 // the same block re-read its row (from L2) and write the gradient, possibly
@@ -239,7 +239,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) ce_finish(CEK<T, SC, SP> k, co
 }
 
 template <class T, bool SC, bool SP>
-cudaError_t launch(const CEArgs& a, const Launch& l) {
+cudaError_t enqueue(const CEArgs& a, const Launch& l) {
   typedef typename Compute<T>::type C;
   const int64_t n = a.logits.rows, V = a.logits.cols;
   const bool prob = a.probs.data != nullptr;
@@ -269,20 +269,20 @@ cudaError_t launch(const CEArgs& a, const Launch& l) {
 template <class T, bool SC>
 cudaError_t by_spread(const CEArgs& a, const Launch& l) {
   // Spread targets: probabilities, or class ids with label smoothing.
-  if (a.probs.data || a.smoothing != 0.0) return launch<T, SC, true>(a, l);
-  return launch<T, SC, false>(a, l);
+  if (a.probs.data || a.smoothing != 0.0) return enqueue<T, SC, true>(a, l);
+  return enqueue<T, SC, false>(a, l);
 }
 
 }  // namespace
 
-size_t cross_entropy_scratch(const CEArgs& a, int sm_count) {
+size_t scratch(const CEArgs& a, int sm_count) {
   const int64_t n = a.logits.rows;
   if (n == 0 || a.logits.cols == 0) return 0;
   const Plan p = make_plan(n, a.logits.cols, (int)item_size(a.logits.dtype), sm_count);
   return p.split > 1 ? parts_bytes(p, n) + (size_t)n * sizeof(double) : 0;
 }
 
-int cross_entropy(const CEArgs& a, const Launch& l) {
+int launch(const CEArgs& a, const Launch& l) {
   if (a.logits.rows == 0 || a.logits.cols == 0) return (int)cudaSuccess;
   cudaError_t e = cudaSuccess;
   with_dtype(a.logits.dtype, [&](auto* tag) {

@@ -1,6 +1,6 @@
 // KL divergence between the softmax of student and teacher rows (forward,
 // reverse, Jensen-Shannon) with the gradient with respect to the student
-// logits (the CUDA counterpart of cpp/cpu/kl_divergence.cpp; formulas in
+// logits (the CUDA counterpart of cpp/cpu/ops/kl_divergence.cpp; formulas in
 // lmxent/contract.h, KLArgs).
 //
 // One block per row. Pass 1 reads both rows once: two online LSE states and
@@ -181,7 +181,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) kl_rows(KLK<T, Dir> k) {
 }
 
 template <class T, int Dir>
-cudaError_t launch(const KLArgs& a, const Launch& l) {
+cudaError_t enqueue(const KLArgs& a, const Launch& l) {
   typedef typename Compute<T>::type C;
   // 0 multiprocessors: the plan never splits a row, only sizes the block.
   const Plan p = make_plan(a.student.rows, a.student.cols, (int)sizeof(T), 0);
@@ -192,15 +192,17 @@ cudaError_t launch(const KLArgs& a, const Launch& l) {
 
 }  // namespace
 
-int kl_divergence(const KLArgs& a, const Launch& l) {
+size_t scratch(const KLArgs&, int) { return 0; }  // one block per row: no parts to merge
+
+int launch(const KLArgs& a, const Launch& l) {
   if (a.student.rows == 0 || a.student.cols == 0) return (int)cudaSuccess;
   cudaError_t e = cudaSuccess;
   with_dtype(a.student.dtype, [&](auto* tag) {
     typedef std::remove_pointer_t<decltype(tag)> T;
     switch (a.dir) {
-      case KLDirection::Forward: e = launch<T, kForward>(a, l); break;
-      case KLDirection::Reverse: e = launch<T, kReverse>(a, l); break;
-      case KLDirection::JS: e = launch<T, kJS>(a, l); break;
+      case KLDirection::Forward: e = enqueue<T, kForward>(a, l); break;
+      case KLDirection::Reverse: e = enqueue<T, kReverse>(a, l); break;
+      case KLDirection::JS: e = enqueue<T, kJS>(a, l); break;
     }
   });
   return (int)e;

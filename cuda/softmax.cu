@@ -1,5 +1,5 @@
 // logsumexp, softmax and log_softmax over rows, with a temperature (the CUDA
-// counterpart of cpp/cpu/softmax.cpp).
+// counterpart of cpp/cpu/ops/softmax.cpp).
 //
 // Memory traffic: pass 1 reads each row once (online LSE); pass 2, only when
 // an output is asked for, reads the row again (from L2: the block does it
@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) softmax_finish(SoftmaxK<T> k, 
 }
 
 template <class T>
-cudaError_t launch(const SoftmaxArgs& a, const Launch& l) {
+cudaError_t enqueue(const SoftmaxArgs& a, const Launch& l) {
   typedef typename Compute<T>::type C;
   const Plan p = make_plan(a.x.rows, a.x.cols, (int)sizeof(T), l.sm_count);
   const SoftmaxK<T> k{a, make_tr<C, false>(a.tr)};
@@ -115,15 +115,15 @@ cudaError_t launch(const SoftmaxArgs& a, const Launch& l) {
 
 }  // namespace
 
-size_t softmax_scratch(const SoftmaxArgs& a, int sm_count) {
+size_t scratch(const SoftmaxArgs& a, int sm_count) {
   if (a.x.rows == 0 || a.x.cols == 0) return 0;
   return parts_bytes(make_plan(a.x.rows, a.x.cols, (int)item_size(a.x.dtype), sm_count), a.x.rows);
 }
 
-int softmax(const SoftmaxArgs& a, const Launch& l) {
+int launch(const SoftmaxArgs& a, const Launch& l) {
   if (a.x.rows == 0 || a.x.cols == 0) return (int)cudaSuccess;
   cudaError_t e = cudaSuccess;
-  with_dtype(a.x.dtype, [&](auto* tag) { e = launch<std::remove_pointer_t<decltype(tag)>>(a, l); });
+  with_dtype(a.x.dtype, [&](auto* tag) { e = enqueue<std::remove_pointer_t<decltype(tag)>>(a, l); });
   return (int)e;
 }
 

@@ -1,6 +1,6 @@
 // Token statistics in one read of the logits: the target's log-probability,
 // the LSE, the entropy, the largest probability and the target's rank (the
-// CUDA counterpart of cpp/cpu/token_stats.cpp; formulas in lmxent/contract.h,
+// CUDA counterpart of cpp/cpu/ops/token_stats.cpp; formulas in lmxent/contract.h,
 // TokenStatsArgs).
 //
 // Memory traffic: one read of each logit, no pass 2. The entropy sum and the
@@ -122,7 +122,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) stats_finish(StatsK<T> k, cons
 }
 
 template <class T>
-cudaError_t launch(const TokenStatsArgs& a, const Launch& l) {
+cudaError_t enqueue(const TokenStatsArgs& a, const Launch& l) {
   typedef typename Compute<T>::type C;
   const Plan p = make_plan(a.logits.rows, a.logits.cols, (int)sizeof(T), l.sm_count);
   const StatsK<T> k{a, make_tr<C, false>(a.tr)};
@@ -139,17 +139,17 @@ cudaError_t launch(const TokenStatsArgs& a, const Launch& l) {
 
 }  // namespace
 
-size_t token_stats_scratch(const TokenStatsArgs& a, int sm_count) {
+size_t scratch(const TokenStatsArgs& a, int sm_count) {
   const int64_t n = a.logits.rows;
   if (n == 0 || a.logits.cols == 0) return 0;
   const Plan p = make_plan(n, a.logits.cols, (int)item_size(a.logits.dtype), sm_count);
   return p.split > 1 ? (size_t)n * (size_t)p.split * sizeof(StatPart) : 0;
 }
 
-int token_stats(const TokenStatsArgs& a, const Launch& l) {
+int launch(const TokenStatsArgs& a, const Launch& l) {
   if (a.logits.rows == 0 || a.logits.cols == 0) return (int)cudaSuccess;
   cudaError_t e = cudaSuccess;
-  with_dtype(a.logits.dtype, [&](auto* tag) { e = launch<std::remove_pointer_t<decltype(tag)>>(a, l); });
+  with_dtype(a.logits.dtype, [&](auto* tag) { e = enqueue<std::remove_pointer_t<decltype(tag)>>(a, l); });
   return (int)e;
 }
 

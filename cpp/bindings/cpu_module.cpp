@@ -87,7 +87,7 @@ void softmax(const py::array& x, const py::object& out, const py::object& lse, d
   a.tr.scale = scale;
   a.log = log;
   py::gil_scoped_release nogil;
-  lmxent::cpu::active().softmax(a);
+  lmxent::cpu::run(a);
 }
 
 // Class ids: contiguous int64 of length n (values validated in Python).
@@ -134,7 +134,7 @@ void cross_entropy(const py::array& logits, const py::object& targets, const py:
   a.grad_scale = grad_scale;
   a.grad_rows = vec(grad_rows, c, n, "grad_output", false);
   py::gil_scoped_release nogil;
-  lmxent::cpu::active().cross_entropy(a);
+  lmxent::cpu::run(a);
 }
 
 void token_stats(const py::array& logits, const py::object& targets, int64_t ignore_index, double scale,
@@ -156,7 +156,7 @@ void token_stats(const py::array& logits, const py::object& targets, int64_t ign
     a.rank = const_cast<int64_t*>(ids(rank, n, "rank"));
   }
   py::gil_scoped_release nogil;
-  lmxent::cpu::active().token_stats(a);
+  lmxent::cpu::run(a);
 }
 
 void kl_divergence(const py::array& student, const py::array& teacher, const py::object& row_mask,
@@ -188,7 +188,7 @@ void kl_divergence(const py::array& student, const py::array& teacher, const py:
   a.grad_scale = grad_scale;
   a.grad_rows = vec(grad_rows, c, n, "grad_output", false);
   py::gil_scoped_release nogil;
-  lmxent::cpu::active().kl_divergence(a);
+  lmxent::cpu::run(a);
 }
 
 void math(const py::array& in, const py::array& out, int fn) {
@@ -198,7 +198,7 @@ void math(const py::array& in, const py::array& out, int fn) {
     fail("math", "expects two (1, n) float32 or float64 arrays");
   if (fn < 0 || fn > 2) fail("math", "fn must be 0 (exp of x <= 0), 1 (tanh) or 2 (log1p of 0 <= x <= 1)");
   py::gil_scoped_release nogil;
-  lmxent::cpu::active().math(i.data, o.data, i.cols, i.dtype, fn);
+  lmxent::cpu::run(lmxent::MathArgs{i.data, o.data, i.cols, i.dtype, fn});
 }
 
 // An uninitialised uint8 array of `bytes` from the output pool; the block goes

@@ -280,7 +280,7 @@ void softmax(py::handle x, py::handle out, py::handle lse, double scale, bool lo
   a.lse = vec(lse, compute_of(a.x.dtype), a.x.rows, "lse", true, c);
   a.tr.scale = scale;
   a.log = log;
-  run(a, c, &lmxent::cuda::softmax_scratch, &lmxent::cuda::softmax, "softmax launch");
+  run(a, c, &lmxent::cuda::scratch, lmxent::cuda::Launcher(), "softmax launch");
 }
 
 void cross_entropy(py::handle logits, py::handle targets, py::handle probs, py::handle class_weight,
@@ -317,7 +317,7 @@ void cross_entropy(py::handle logits, py::handle targets, py::handle probs, py::
   }
   a.grad_scale = grad_scale;
   a.grad_rows = vec(grad_rows, ct, n, "grad_output", false, c);
-  run(a, c, &lmxent::cuda::cross_entropy_scratch, &lmxent::cuda::cross_entropy, "cross_entropy launch");
+  run(a, c, &lmxent::cuda::scratch, lmxent::cuda::Launcher(), "cross_entropy launch");
 }
 
 void token_stats(py::handle logits, py::handle targets, int64_t ignore_index, double scale, py::handle logprob,
@@ -335,7 +335,7 @@ void token_stats(py::handle logits, py::handle targets, int64_t ignore_index, do
   a.entropy = vec(entropy, ct, n, "entropy", true, c);
   a.top_prob = vec(top_prob, ct, n, "top_prob", true, c);
   if (!rank.is_none()) a.rank = (int64_t*)int_vec(rank, 'i', 8, n, "rank", true, c);
-  run(a, c, &lmxent::cuda::token_stats_scratch, &lmxent::cuda::token_stats, "token_stats launch");
+  run(a, c, &lmxent::cuda::scratch, lmxent::cuda::Launcher(), "token_stats launch");
 }
 
 void kl_divergence(py::handle student, py::handle teacher, py::handle row_mask, double scale, int direction,
@@ -360,7 +360,7 @@ void kl_divergence(py::handle student, py::handle teacher, py::handle row_mask, 
   }
   a.grad_scale = grad_scale;
   a.grad_rows = vec(grad_rows, ct, n, "grad_output", false, c);
-  run<lmxent::KLArgs>(a, c, nullptr, &lmxent::cuda::kl_divergence, "kl_divergence launch");
+  run(a, c, &lmxent::cuda::scratch, lmxent::cuda::Launcher(), "kl_divergence launch");
 }
 
 // (count, first row) of out-of-range class ids met on `device` by

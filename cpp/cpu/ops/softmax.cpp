@@ -4,7 +4,7 @@
 // pass 2, only when an output is asked for, reads the row again (from L2 for
 // rows up to ~256K float32 values) and writes the output: one read and one
 // write of the tensor from DRAM.
-#include "rows.h"
+#include "../rows.h"
 
 namespace lmxent {
 namespace cpu {
@@ -54,7 +54,7 @@ struct SoftmaxOp {
   void after(int64_t, const Row&) const {}
 };
 
-void softmax(const SoftmaxArgs& a) {
+void kernel(const SoftmaxArgs& a) {
   with_dtype(a.x.dtype, [&](auto* tag) {
     typedef typename std::remove_pointer<decltype(tag)>::type T;
     typedef typename Compute<T>::type C;

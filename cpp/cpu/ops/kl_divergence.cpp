@@ -19,7 +19,7 @@
 // without a gradient, twice with one (the second read from L2 for rows that
 // fit), and write the gradient. Rows are spread over threads; one long row
 // is not split.
-#include "rows.h"
+#include "../rows.h"
 
 namespace lmxent {
 namespace cpu {
@@ -169,7 +169,7 @@ struct KLOp {
   }
 };
 
-void kl_divergence(const KLArgs& a) {
+void kernel(const KLArgs& a) {
   with_dtype(a.student.dtype, [&](auto* tag) {
     typedef typename std::remove_pointer<decltype(tag)>::type T;
     typedef typename Compute<T>::type C;

@@ -5,7 +5,7 @@
 // Memory traffic: one read of each logit. The entropy sum rides in the same
 // exp loop as the LSE (row_partial with Stats); the rank count re-reads each
 // chunk from L1. No pass 2.
-#include "rows.h"
+#include "../rows.h"
 
 namespace lmxent {
 namespace cpu {
@@ -50,7 +50,7 @@ struct TokenStatsOp {
   void after(int64_t, int) const {}
 };
 
-void token_stats(const TokenStatsArgs& a) {
+void kernel(const TokenStatsArgs& a) {
   with_dtype(a.logits.dtype, [&](auto* tag) {
     typedef typename std::remove_pointer<decltype(tag)>::type T;
     typedef typename Compute<T>::type C;

@@ -9,7 +9,7 @@
 // write per element. Backward from a saved LSE skips pass 1 for class ids.
 #include <limits>
 
-#include "rows.h"
+#include "../rows.h"
 
 namespace lmxent {
 namespace cpu {
@@ -169,7 +169,7 @@ static void ce_by_spread(const CEArgs& a) {
   }
 }
 
-void cross_entropy(const CEArgs& a) {
+void kernel(const CEArgs& a) {
   with_dtype(a.logits.dtype, [&](auto* tag) {
     typedef typename std::remove_pointer<decltype(tag)>::type T;
     typedef typename Compute<T>::type C;
