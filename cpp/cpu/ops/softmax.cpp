@@ -29,7 +29,7 @@ struct SoftmaxOp {
   Row finish(int64_t r, const Partial& p) const {
     const double lse = lse_final(p.st, dlog);
     if (a.lse) ((C*)a.lse)[r] = (C)lse;
-    return {lse, RowShift(p, lse, true)};
+    return {lse, RowShift(p.mu, p.st.s, lse, true)};
   }
   void pass2(int64_t r, const Row& k, int64_t c0, int64_t c1, const Keep<C>* keep) const {
     if (!a.out.data) return;
