@@ -1,7 +1,7 @@
 // Cross-entropy forward, fused forward + gradient, and backward from a saved
 // LSE, for class-id or probability targets, with class weights, label
 // smoothing, z-loss, softcap and logit scale (the CUDA counterpart of
-// cpp/cpu/cross_entropy.cpp; the formulas are in lmxent/contract.h).
+// cpp/cpu/ops/cross_entropy.cpp; the formulas are in lmxent/contract.h).
 //
 // Memory traffic: the forward reads each logit once. The fused gradient has
 // the same block re-read its row (from L2) and write the gradient, possibly
@@ -38,14 +38,6 @@ struct Spread {
     const C t = q ? qa * q[j] + uk : uk;
     return w ? t * w[j] : t;
   }
-};
-
-// A row's scalars, in double (the LSE's rounding would otherwise enter every
-// probability). state: 0 counted, 1 ignored (zero gradient), 2 bad class id.
-struct RowK {
-  double lse, A, rs, hard_w, x_t;
-  int64_t t;
-  int state;
 };
 
 template <class T, bool SC, bool SP>
@@ -103,10 +95,10 @@ struct CEK {
     return acc;
   }
 
-  // The row's scalars (one thread). `write`: this block writes the per-row
-  // outputs (loss, LSE) and records a bad class id.
-  __device__ RowK finish(int64_t r, int st, int64_t t, const Acc<C>& acc, double x_t, bool write) const {
-    RowK k{};
+  // The row's scalars (CERow, lmxent/row_math.h; one thread). `write`: this
+  // block writes the per-row outputs (loss, LSE) and records a bad class id.
+  __device__ CERow finish(int64_t r, int st, int64_t t, const Acc<C>& acc, double x_t, bool write) const {
+    CERow k{};
     k.t = t;
     k.state = st;
     k.lse = a.lse_given ? (double)((const C*)a.lse)[r] : acc_lse(acc, tr.kz);
@@ -119,36 +111,33 @@ struct CEK {
       }
       return k;
     }
-    const C* w = (const C*)a.class_weight;
-    k.hard_w = prob() ? 0.0 : hard_k * (w ? (double)w[t] : 1.0);
+    k.sh = RowShift((double)acc.m, acc.s, k.lse, !a.lse_given);
     k.x_t = x_t;
+    k.u_t = tr.one_u((C)x_t);
     const double t_sum = !SP ? 0.0 : (prob() || weighted_ids) ? acc.ts : t_sum_k;
-    if (write && a.loss) {
-      const double z_t = prob() ? k.lse : (double)tr.z((C)x_t);
-      ((C*)a.loss)[r] = (C)ce_loss(k.lse, k.lse - z_t, k.hard_w, t_sum, tr.kz * acc.tz, a.z_loss);
-    }
-    k.A = ce_grad_coef(k.lse, k.hard_w, t_sum, a.z_loss);
-    k.rs = a.grad_scale * (a.grad_rows ? (double)((const C*)a.grad_rows)[r] : 1.0);
+    ce_row<C>(a, r, tr.kz, hard_k, t_sum, tr.kz * acc.tz, write, k);
     return k;
   }
 
   // Pass 2 over [c0, c1): g_j = (A p_j - t_j) dz_j/dx_j rs, without the hard
-  // target term (fix_target adds it).
-  __device__ void pass2(int64_t r, const RowK& k, int64_t c0, int64_t c1) const {
+  // target term (fix_target adds it); p_j from z_j - lse relative to the
+  // row's max and the options as split factors (cpp/cpu/ops/cross_entropy.cpp).
+  __device__ void pass2(int64_t r, const CERow& k, int64_t c0, int64_t c1) const {
     T* g = (T*)a.grad.data + r * a.grad.stride;
     if (k.state != 0) {
       row_fill(g, c0, c1, k.state == 1 ? (C)0 : (C)NAN);
       return;
     }
-    const LseSplit<C> ls(k.lse);
-    const C A = (C)k.A, rs = (C)k.rs;
+    const ShiftV<C> sh(k.sh, tr.kz);
+    const Factor<C> A(k.A * k.rs), rs(k.rs);
     const C* qr = q(r);
     row_walk<true>(x(r), g, c0, c1, [&](int64_t j, auto& v) {
       int i = 0;
       for (auto& e : v) {
-        const C z = tr.z(e);
+        C th = 0;  // set under a softcap
+        const C u = tr.pre(e, &th);
         const C t = SP ? sp.at(qr, j + i) : (C)0;
-        e = (A * expc(ls.sub(z)) - t) * tr.slope(z) * rs;
+        e = tr.times_slope(A(expc(sh.sub(u))) - rs(t), th);
         ++i;
       }
     });
@@ -156,12 +145,10 @@ struct CEK {
 
   // The target element, from the logit saved before pass 2 (which may have
   // overwritten it), in double and rounded once (cpp/cpu CEOp::after).
-  __device__ void fix_target(int64_t r, const RowK& k) const {
+  __device__ void fix_target(int64_t r, const CERow& k) const {
     if (k.state != 0 || prob()) return;
-    const C z = tr.z((C)k.x_t);
-    const double p = exp((double)z - k.lse);
     const double t = SP ? (double)sp.at(nullptr, k.t) : 0.0;
-    const double g = (k.A * p - t - k.hard_w) * (double)tr.slope(z) * k.rs;
+    const double g = ce_target_grad(k, tr.kz, t, tr.slope_one(k.x_t));
     ((T*)a.grad.data + r * a.grad.stride)[k.t] = from_c<T>((C)g);
   }
 };
@@ -171,7 +158,7 @@ template <class T, bool SC, bool SP>
 __global__ void __launch_bounds__(kMaxThreads, 2) ce_rows(CEK<T, SC, SP> k) {
   typedef typename Compute<T>::type C;
   __shared__ Acc<C> sh[kMaxWarps];
-  __shared__ RowK rk;
+  __shared__ CERow rk;
   const int64_t V = k.a.logits.cols;
   for (int64_t r = blockIdx.x; r < k.a.logits.rows; r += gridDim.x) {
     int64_t t;
@@ -180,7 +167,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) ce_rows(CEK<T, SC, SP> k) {
     if (k.need_pass1(st)) acc = block_reduce(k.partial(r, 0, V), k.tr.k, sh);
     if (threadIdx.x == 0) rk = k.finish(r, st, t, acc, k.x_t(r, st, t), true);
     __syncthreads();
-    const RowK row = rk;
+    const CERow row = rk;
     if (k.a.grad.data) {
       k.pass2(r, row, 0, V);
       __syncthreads();  // the target column's pass-2 store comes first
@@ -218,7 +205,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) ce_finish(CEK<T, SC, SP> k, co
                                                          const double* xts, int S, int64_t slice) {
   typedef typename Compute<T>::type C;
   __shared__ Acc<C> sh[kMaxWarps];
-  __shared__ RowK rk;
+  __shared__ CERow rk;
   const int64_t V = k.a.logits.cols, s = blockIdx.y;
   const int64_t c0 = s * slice, c1 = c0 + slice < V ? c0 + slice : V;
   for (int64_t r = blockIdx.x; r < k.a.logits.rows; r += gridDim.x) {
@@ -228,7 +215,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) ce_finish(CEK<T, SC, SP> k, co
     if (k.need_pass1(st)) acc = merge_parts(parts + r * S, S, k.tr.k, sh);
     if (threadIdx.x == 0) rk = k.finish(r, st, t, acc, st == 0 && !k.prob() ? xts[r] : 0.0, s == 0);
     __syncthreads();
-    const RowK row = rk;
+    const CERow row = rk;
     if (k.a.grad.data) {
       k.pass2(r, row, c0, c1);
       __syncthreads();
@@ -239,19 +226,16 @@ __global__ void __launch_bounds__(kMaxThreads, 2) ce_finish(CEK<T, SC, SP> k, co
 }
 
 template <class T, bool SC, bool SP>
-cudaError_t launch(const CEArgs& a, const Launch& l) {
+cudaError_t enqueue(const CEArgs& a, const Launch& l) {
   typedef typename Compute<T>::type C;
   const int64_t n = a.logits.rows, V = a.logits.cols;
   const bool prob = a.probs.data != nullptr;
   const CESpread cs = ce_spread(prob, a.smoothing, V);
-  CEK<T, SC, SP> k;
-  k.a = a;
-  k.tr = make_tr<C, SC>(a.tr);
-  k.sp = Spread<C>{(C)cs.q_scale, (C)cs.uniform, (const C*)a.class_weight};
-  k.hard_k = prob ? 0.0 : 1.0 - a.smoothing;
-  k.weighted_ids = SP && !prob && a.class_weight;
-  // sum_j t_j from the rounded t_j the kernels use, so gradient rows sum to 0
-  k.t_sum_k = SP && !prob ? (double)k.sp.uk * (double)V : 0.0;
+  const Spread<C> sp{(C)cs.q_scale, (C)cs.uniform, (const C*)a.class_weight};
+  const CEK<T, SC, SP> k{a, Tr<C, SC>(a.tr), sp, prob ? 0.0 : 1.0 - a.smoothing,
+                         // sum_j t_j from the rounded t_j the kernels use, so gradient rows sum to 0
+                         SP && !prob ? (double)sp.uk * (double)V : 0.0,
+                         SP && !prob && a.class_weight};
   const Plan p = make_plan(n, V, (int)sizeof(T), l.sm_count);
   const cudaStream_t st = (cudaStream_t)l.stream;
   if (p.split == 1) {
@@ -269,25 +253,25 @@ cudaError_t launch(const CEArgs& a, const Launch& l) {
 template <class T, bool SC>
 cudaError_t by_spread(const CEArgs& a, const Launch& l) {
   // Spread targets: probabilities, or class ids with label smoothing.
-  if (a.probs.data || a.smoothing != 0.0) return launch<T, SC, true>(a, l);
-  return launch<T, SC, false>(a, l);
+  if (a.probs.data || a.smoothing != 0.0) return enqueue<T, SC, true>(a, l);
+  return enqueue<T, SC, false>(a, l);
 }
 
 }  // namespace
 
-size_t cross_entropy_scratch(const CEArgs& a, int sm_count) {
+size_t scratch(const CEArgs& a, int sm_count) {
   const int64_t n = a.logits.rows;
   if (n == 0 || a.logits.cols == 0) return 0;
   const Plan p = make_plan(n, a.logits.cols, (int)item_size(a.logits.dtype), sm_count);
   return p.split > 1 ? parts_bytes(p, n) + (size_t)n * sizeof(double) : 0;
 }
 
-int cross_entropy(const CEArgs& a, const Launch& l) {
+int launch(const CEArgs& a, const Launch& l) {
   if (a.logits.rows == 0 || a.logits.cols == 0) return (int)cudaSuccess;
   cudaError_t e = cudaSuccess;
   with_dtype(a.logits.dtype, [&](auto* tag) {
     typedef std::remove_pointer_t<decltype(tag)> T;
-    e = a.tr.softcap > 0 ? by_spread<T, true>(a, l) : by_spread<T, false>(a, l);
+    e = softcaps<typename Compute<T>::type>(a.tr) ? by_spread<T, true>(a, l) : by_spread<T, false>(a, l);
   });
   return (int)e;
 }

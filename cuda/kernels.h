@@ -1,7 +1,10 @@
 // The CUDA kernel entry points, as the host sees them: plain C++ (no CUDA
 // headers), so the pybind11 binding is compiled by the host compiler. Every
-// launcher enqueues its kernels on the given stream and returns at once: no
-// host synchronisation, a cudaError_t (0: success) for the launch itself.
+// op's launch(const Args&, const Launch&) and scratch(const Args&, int)
+// overloads are declared by LMXENT_OP in lmxent/contract.h and defined in the
+// op's .cu file. A launcher enqueues its kernels on the given stream and
+// returns at once: no host synchronisation, a cudaError_t (0: success) for
+// the launch itself.
 #pragma once
 #include <stddef.h>
 
@@ -11,25 +14,24 @@ namespace lmxent {
 namespace cuda {
 
 // Where and how to launch: the stream (a cudaStream_t), the device's
-// multiprocessor count (it sizes row splits) and the scratch memory the
-// *_scratch function asked for (nullptr when it asked for none).
+// multiprocessor count (it sizes row splits) and the scratch memory
+// scratch() asked for (nullptr when it asked for none).
 struct Launch {
   void* stream = nullptr;
   int sm_count = 1;
   void* scratch = nullptr;
 };
 
-// Scratch bytes a call needs (0: none). A row is split across several blocks
-// when there are few rows and they are long; the blocks' partial log-sum-exp
-// states meet in scratch.
-size_t softmax_scratch(const SoftmaxArgs& a, int sm_count);
-size_t cross_entropy_scratch(const CEArgs& a, int sm_count);
-size_t token_stats_scratch(const TokenStatsArgs& a, int sm_count);
+// scratch(): the bytes a call needs (0: none). A row is split across several
+// blocks when there are few rows and they are long; the blocks' partial
+// log-sum-exp states meet in scratch.
 
-int softmax(const SoftmaxArgs& a, const Launch& l);
-int cross_entropy(const CEArgs& a, const Launch& l);
-int token_stats(const TokenStatsArgs& a, const Launch& l);
-int kl_divergence(const KLArgs& a, const Launch& l);  // one block per row: no scratch
+// launch() of any op as a value (an overload set is not one), for code that
+// passes the launcher on.
+struct Launcher {
+  template <class Args>
+  int operator()(const Args& a, const Launch& l) const { return launch(a, l); }
+};
 
 // The cross-entropy kernels never read out of bounds: a class id outside
 // [0, V) that is not ignore_index gives its row a NaN loss and gradient and is

@@ -1,6 +1,6 @@
 // KL divergence between the softmax of student and teacher rows (forward,
 // reverse, Jensen-Shannon) with the gradient with respect to the student
-// logits (the CUDA counterpart of cpp/cpu/kl_divergence.cpp; formulas in
+// logits (the CUDA counterpart of cpp/cpu/ops/kl_divergence.cpp; formulas in
 // lmxent/contract.h, KLArgs).
 //
 // One block per row. Pass 1 reads both rows once: two online LSE states and
@@ -42,17 +42,18 @@ struct KLK {
   typedef typename Compute<T>::type C;
   static constexpr bool TW = Dir == kForward;  // the sum is weighted by the teacher
   KLArgs a;
-  Tr<C, false> tr;
+  C kz;         // scale (1 / temperature), in C as on the CPU (cpp/cpu/ops/kl_divergence.cpp)
+  Factor<C> k;  // kz log2(e)
 
   __device__ const T* xs(int64_t r) const { return (const T*)a.student.data + r * a.student.stride; }
   __device__ const T* xt(int64_t r) const { return (const T*)a.teacher.data + r * a.teacher.stride; }
   __device__ T* g(int64_t r) const { return a.grad.data ? (T*)a.grad.data + r * a.grad.stride : nullptr; }
   __device__ void put_loss(int64_t r, double kl) const {
-    if (a.loss) ((C*)a.loss)[r] = (C)(kl < 0 ? 0.0 : kl);  // only rounding makes it negative
+    if (a.loss) ((C*)a.loss)[r] = (C)kl_clamp(kl);
   }
 
   __device__ KLAcc<C> pass1(int64_t r, KLAcc<C>* sh) const {
-    const C k = tr.k;
+    const Factor<C> k = this->k;
     KLAcc<C> acc = kl_empty<C>();
     row_walk2<false>(xs(r), xt(r), (T*)nullptr, 0, a.student.cols,
                      [&](int64_t, auto& us, auto& ut) { kl_add<TW, Dir != kJS>(acc, us, ut, k); });
@@ -70,32 +71,17 @@ struct KLK {
     w.log_st = log(acc.st);
     w.ok = lse_defined(acc.ms, acc.ss) && lse_defined(acc.mt, acc.st);
     w.base = !w.ok ? (double)NAN
-             : Dir == kForward ? tr.kz * acc.d / acc.st + w.log_ss - w.log_st
-             : Dir == kReverse ? tr.kz * acc.d / acc.ss + w.log_st - w.log_ss
-                               : 0.0;
+             : Dir != kJS ? kl_row_loss((KLDirection)Dir, (double)kz, acc.d, acc.ss, acc.st, w.log_ss, w.log_st)
+                          : 0.0;
     if (Dir != kJS || !w.ok) put_loss(r, w.base);
     if (w.base < 0) w.base = 0;
     return w;
   }
 
-  // Per element: log p, log q (centred on each row's max), p, q.
-  struct Elem {
-    C ls, lt, p, q;
-  };
-  __device__ LogProb<C> log_probs(double m, double log_s) const { return {(C)m, tr.scale, (C)log_s}; }
-  __device__ Elem elem(C us, C ut, const LogProb<C>& ss, const LogProb<C>& st) const {
-    const C ls = ss(us), lt = st(ut);
-    return {ls, lt, expc(ls), expc(lt)};
-  }
-  // log(p / m) with m = (p + q) / 2, as log 2 - softplus(log q - log p), and
-  // the same for q (cpp/cpu KLOp::elem).
-  __device__ void js_logs(const Elem& e, C& lpm, C& lqm) const {
-    const C dd = e.lt - e.ls, ad = maxc(dd, -dd);
-    const C l = log1pc(expc(-ad));
-    const C ln2 = (C)0.69314718055994530942;
-    lpm = ln2 - (maxc(dd, (C)0) + l);
-    lqm = ln2 - (maxc(-dd, (C)0) + l);
-  }
+  // Per element: log p, log q (centred on each row's max), p, q and the
+  // Jensen-Shannon log-ratios (KLElem, lmxent/row_math.h).
+  typedef KLElem<C, C> Elem;
+  __device__ LogProb<C> log_probs(double m, double log_s) const { return {(C)m, kz, (C)log_s}; }
 
   // Jensen-Shannon: sum_j p log(p / m), sum_j q log(q / m) of the row.
   __device__ Sum2 js_sums(int64_t r, const KLRow& w, Sum2* sh) const {
@@ -105,11 +91,9 @@ struct KLK {
       C sp = 0, sq = 0;
       int i = 0;
       for (const C u : us) {
-        const Elem e = elem(u, ut[i++], ss, st);
-        C lpm, lqm;
-        js_logs(e, lpm, lqm);
-        sp += e.p > (C)0 ? e.p * lpm : (C)0;
-        sq += e.q > (C)0 ? e.q * lqm : (C)0;
+        const Elem e(u, ut[i++], ss, st, true);
+        sp += weighted<C>(e.p, e.lpm);
+        sq += weighted<C>(e.q, e.lqm);
       }
       acc.a += (double)sp;
       acc.b += (double)sq;
@@ -127,24 +111,11 @@ struct KLK {
       return;
     }
     const LogProb<C> ss = log_probs(w.ms, w.log_ss), st = log_probs(w.mt, w.log_st);
-    const C f = (C)(tr.kz * a.grad_scale * (a.grad_rows ? (double)((const C*)a.grad_rows)[r] : 1.0));
+    const C f = (C)((double)kz * a.grad_scale * (a.grad_rows ? (double)((const C*)a.grad_rows)[r] : 1.0));
     const C base = (C)w.base;
     row_walk2<true>(xs(r), xt(r), gr, 0, V, [&](int64_t, auto& us, auto& ut) {
       int i = 0;
-      for (auto& u : us) {
-        const Elem e = elem(u, ut[i++], ss, st);
-        if (Dir == kForward) {
-          u = (e.p - e.q) * f;
-        } else {
-          C c = e.ls - e.lt;
-          if (Dir == kJS) {
-            C lqm;
-            js_logs(e, c, lqm);
-            c *= (C)0.5;
-          }
-          u = (e.p > (C)0 ? e.p * (c - base) : (C)0) * f;
-        }
-      }
+      for (auto& u : us) u = Elem(u, ut[i++], ss, st, Dir == kJS).grad((KLDirection)Dir, base) * f;
     });
   }
 };
@@ -181,26 +152,29 @@ __global__ void __launch_bounds__(kMaxThreads, 2) kl_rows(KLK<T, Dir> k) {
 }
 
 template <class T, int Dir>
-cudaError_t launch(const KLArgs& a, const Launch& l) {
+cudaError_t enqueue(const KLArgs& a, const Launch& l) {
   typedef typename Compute<T>::type C;
   // 0 multiprocessors: the plan never splits a row, only sizes the block.
   const Plan p = make_plan(a.student.rows, a.student.cols, (int)sizeof(T), 0);
-  const KLK<T, Dir> k{a, make_tr<C, false>(a.tr)};
+  const C kz = (C)a.tr.scale;
+  const KLK<T, Dir> k{a, kz, Factor<C>((double)kz * kLog2e)};
   kl_rows<T, Dir><<<p.grid_rows, p.threads, 0, (cudaStream_t)l.stream>>>(k);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-int kl_divergence(const KLArgs& a, const Launch& l) {
+size_t scratch(const KLArgs&, int) { return 0; }  // one block per row: no parts to merge
+
+int launch(const KLArgs& a, const Launch& l) {
   if (a.student.rows == 0 || a.student.cols == 0) return (int)cudaSuccess;
   cudaError_t e = cudaSuccess;
   with_dtype(a.student.dtype, [&](auto* tag) {
     typedef std::remove_pointer_t<decltype(tag)> T;
     switch (a.dir) {
-      case KLDirection::Forward: e = launch<T, kForward>(a, l); break;
-      case KLDirection::Reverse: e = launch<T, kReverse>(a, l); break;
-      case KLDirection::JS: e = launch<T, kJS>(a, l); break;
+      case KLDirection::Forward: e = enqueue<T, kForward>(a, l); break;
+      case KLDirection::Reverse: e = enqueue<T, kReverse>(a, l); break;
+      case KLDirection::JS: e = enqueue<T, kJS>(a, l); break;
     }
   });
   return (int)e;

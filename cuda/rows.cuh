@@ -12,6 +12,14 @@
 // written by the same thread, so in place needs no extra barrier.
 //
 // Indices are 64-bit throughout (rows * stride and columns beyond 2^31).
+//
+// The math of a row is lmxent/row_math.h, shared with the CPU (Prims below
+// gives it its scalar primitives). The transform options stay in double
+// there (Tr, Factor) and pass 2 takes z - lse relative to the row's max
+// (RowShift), so a temperature of 1e-300 or a softcap beyond float's range
+// give the CPU's answers (tests/test_edges.py). The stand-in CuPy of
+// tests/test_cuda.py routes to the CPU module, so only a GPU run (the GPU
+// check) executes this code.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -21,7 +29,7 @@
 #include <string.h>
 
 #include "kernels.h"
-#include "lmxent/contract.h"
+#include "lmxent/row_math.h"
 
 namespace lmxent {
 namespace cuda {
@@ -50,60 +58,40 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_c<__nv_bfloat16>(float
 }
 
 // Accurate library functions (no fast-math: exp2f/expf/tanhf are within 2 ulp).
-__device__ __forceinline__ float exp2c(float x) { return exp2f(x); }
-__device__ __forceinline__ double exp2c(double x) { return exp2(x); }
-__device__ __forceinline__ float expc(float x) { return expf(x); }
-__device__ __forceinline__ double expc(double x) { return exp(x); }
-__device__ __forceinline__ float tanhc(float x) { return tanhf(x); }
-__device__ __forceinline__ double tanhc(double x) { return tanh(x); }
+// Host and device: the shared row math (Prims below) is __host__ __device__.
+__host__ __device__ __forceinline__ float exp2c(float x) { return exp2f(x); }
+__host__ __device__ __forceinline__ double exp2c(double x) { return exp2(x); }
+__host__ __device__ __forceinline__ float expc(float x) { return expf(x); }
+__host__ __device__ __forceinline__ double expc(double x) { return exp(x); }
+__host__ __device__ __forceinline__ float tanhc(float x) { return tanhf(x); }
+__host__ __device__ __forceinline__ double tanhc(double x) { return tanh(x); }
+__host__ __device__ __forceinline__ float log1pc(float x) { return log1pf(x); }
+__host__ __device__ __forceinline__ double log1pc(double x) { return log1p(x); }
 // The max ignores NaN (fmax), so a NaN reaches the sum through exp instead.
-__device__ __forceinline__ float maxc(float a, float b) { return fmaxf(a, b); }
-__device__ __forceinline__ double maxc(double a, double b) { return fmax(a, b); }
+__host__ __device__ __forceinline__ float maxc(float a, float b) { return fmaxf(a, b); }
+__host__ __device__ __forceinline__ double maxc(double a, double b) { return fmax(a, b); }
+
+}  // namespace cuda
+
+inline namespace LMXENT_ISA {
+// The primitives of the shared row math (lmxent/row_math.h) on scalars of C.
+template <class C>
+struct Prims {
+  typedef C U;
+  __host__ __device__ static C splat(C v) { return v; }
+  __host__ __device__ static C lane0(C v) { return v; }
+  __host__ __device__ static C tanh(C v) { return cuda::tanhc(v); }
+  __host__ __device__ static C exp_neg(C v) { return cuda::expc(v); }
+  __host__ __device__ static C log1p_unit(C v) { return cuda::log1pc(v); }
+  __host__ __device__ static C max(C a, C b) { return cuda::maxc(a, b); }
+  __host__ __device__ static C select(bool m, C a, C b) { return m ? a : b; }
+};
+}  // namespace LMXENT_ISA
+
+namespace cuda {
 
 template <class C> __host__ __device__ constexpr C inf() { return (C)INFINITY; }
 constexpr double kLog2e = 1.4426950408889634;
-
-// ---- the element transform (cpp/cpu/rows.h Tr, same rounding order) ----------
-// z = scale * x, then, with a softcap (SC), z = cap * tanh(z / cap). Pass 1
-// works on u = pre(x): x itself without a softcap (the scale is folded into
-// the exponent: k = scale * log2(e)), z with one (k = log2(e)).
-template <class C, bool SC>
-struct Tr {
-  C scale, cap, inv_cap, k;
-  double kz;  // z = kz * u
-  __device__ C z(C x) const {
-    C v = x * scale;
-    if (SC) v = cap * tanhc(v * inv_cap);
-    return v;
-  }
-  __device__ C pre(C x) const { return SC ? z(x) : x; }
-  __device__ C slope(C z) const {  // dz/dx, given z
-    if (!SC) return scale;
-    const C u = z * inv_cap;
-    return scale * ((C)1 - u * u);
-  }
-};
-
-template <class C, bool SC>
-inline Tr<C, SC> make_tr(const Transform& t) {
-  Tr<C, SC> r;
-  r.scale = (C)t.scale;
-  r.cap = (C)t.softcap;
-  r.inv_cap = t.softcap > 0 ? (C)(1.0 / t.softcap) : (C)0;
-  r.kz = SC ? 1.0 : (double)r.scale;
-  r.k = (C)(r.kz * kLog2e);
-  return r;
-}
-
-// z - lse for a double lse, as (z - hi) - lo (cpp/cpu/rows.h LseSplit): exact
-// near the max, so probabilities near 1 keep the double's accuracy.
-template <class C>
-struct LseSplit {
-  C hi, lo;
-  __device__ explicit LseSplit(double lse)
-      : hi((C)lse), lo(isfinite(lse) ? (C)(lse - (double)(C)lse) : (C)0) {}
-  __device__ C sub(C z) const { return (z - hi) - lo; }
-};
 
 // ---- 16-byte vectors -----------------------------------------------------------
 
@@ -234,19 +222,19 @@ template <class C>
 __device__ __forceinline__ Acc<C> acc_empty() { return {-inf<C>(), 0.0, 0.0, 0.0}; }
 
 template <class C, int K>
-__device__ __forceinline__ void acc_add(Acc<C>& a, const C (&u)[K], C k) {
+__device__ __forceinline__ void acc_add(Acc<C>& a, const C (&u)[K], const Factor<C>& k) {
   C vm = u[0];
 #pragma unroll
   for (int i = 1; i < K; ++i) vm = maxc(vm, u[i]);
   if (vm > a.m) {
-    a.s *= (double)exp2c((a.m - vm) * k);  // 0 when a.m = -inf or vm = +inf; NaN stays
+    a.s *= (double)exp2c(k(a.m - vm));  // 0 when a.m = -inf or vm = +inf; NaN stays
     a.m = vm;
   }
   if (a.m < inf<C>()) {
     const C sh = a.m == -inf<C>() ? (C)0 : a.m;  // no -inf - -inf
     C part = 0;
 #pragma unroll
-    for (int i = 0; i < K; ++i) part += exp2c((u[i] - sh) * k);
+    for (int i = 0; i < K; ++i) part += exp2c(k(u[i] - sh));
     a.s += (double)part;
   } else {
 #pragma unroll
@@ -255,21 +243,15 @@ __device__ __forceinline__ void acc_add(Acc<C>& a, const C (&u)[K], C k) {
   }
 }
 
-// The exp of a merge: exp(kz (b.m - a.m)) = exp2((b.m - a.m) k), in C as the elements.
+// The exp of a merge: exp(kz (b.m - a.m)) = exp2(k (b.m - a.m)), in C as the elements.
 template <class C>
 struct MergeExp {
-  C k;
-  __host__ __device__ double operator()(double d) const {
-#ifdef __CUDA_ARCH__
-    return (double)exp2c((C)d * k);
-#else
-    return ::exp2((double)(C)d * (double)k);
-#endif
-  }
+  Factor<C> k;
+  __host__ __device__ double operator()(double d) const { return (double)exp2c(k((C)d)); }
 };
 
 template <class C>
-__device__ __forceinline__ Acc<C> acc_merge(const Acc<C>& a, const Acc<C>& b, C k) {
+__device__ __forceinline__ Acc<C> acc_merge(const Acc<C>& a, const Acc<C>& b, const Factor<C>& k) {
   const LseState<double> r =
       lse_merge(LseState<double>{(double)a.m, a.s}, LseState<double>{(double)b.m, b.s}, MergeExp<C>{k});
   return {(C)r.m, r.s, a.ts + b.ts, a.tz + b.tz};
@@ -294,7 +276,7 @@ __device__ __forceinline__ Acc<C> shfl_xor(const Acc<C>& a, int o) {
 // every thread must call it; `sh` holds kMaxWarps states. Ends with a barrier,
 // so the caller may reuse `sh` right after.
 template <class C>
-__device__ Acc<C> block_reduce(Acc<C> a, C k, Acc<C>* sh) {
+__device__ Acc<C> block_reduce(Acc<C> a, const Factor<C>& k, Acc<C>* sh) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) a = acc_merge(a, shfl_xor(a, o), k);
@@ -321,7 +303,7 @@ __device__ __forceinline__ Acc<C> from_part(const Part& p) { return {(C)p.m, p.s
 
 // The merged state of a split row from its S parts (all threads call it).
 template <class C>
-__device__ Acc<C> merge_parts(const Part* parts, int S, C k, Acc<C>* sh) {
+__device__ Acc<C> merge_parts(const Part* parts, int S, const Factor<C>& k, Acc<C>* sh) {
   Acc<C> a = acc_empty<C>();
   for (int i = threadIdx.x; i < S; i += blockDim.x) a = acc_merge(a, from_part<C>(parts[i]), k);
   return block_reduce(a, k, sh);
@@ -372,8 +354,6 @@ inline size_t parts_bytes(const Plan& p, int64_t rows) {
   return p.split > 1 ? (size_t)rows * (size_t)p.split * sizeof(Part) : 0;
 }
 
-inline int64_t item_size(DType d) { return d == DType::F64 ? 8 : d == DType::F32 ? 4 : 2; }
-
 // Copies a device record of bad class ids ({count, ~0 - first row + 1}, kept
 // with atomicMax so the smallest row wins) to the host on `stream`, waits for
 // it and clears it.
@@ -392,22 +372,14 @@ inline int take_record(const Symbol& symbol, void* stream, unsigned long long* c
   return (int)e;
 }
 
-// Calls f((T*)nullptr) with the storage type of a dtype.
+// Calls f((T*)nullptr) with the storage type T of a dtype.
 template <class F>
 inline void with_dtype(DType dt, F&& f) {
-  switch (dt) {
-    case DType::F32: f((float*)nullptr); break;
-    case DType::F64: f((double*)nullptr); break;
-    case DType::F16: f((__half*)nullptr); break;
-    case DType::BF16: f((__nv_bfloat16*)nullptr); break;
-  }
+  with_storage<__half, __nv_bfloat16>(dt, f);
 }
 
 
 // ---- additions for token_stats and kl_divergence ------------------------------------
-
-__device__ __forceinline__ float log1pc(float x) { return log1pf(x); }
-__device__ __forceinline__ double log1pc(double x) { return log1p(x); }
 
 // The block's merge of per-thread states of any type S: merge(a, b) combines
 // two states, shfl_xor(a, o) (an overload per state type) fetches lane ^ o's.
@@ -462,7 +434,8 @@ struct RankOf {
 
 // Adds K consecutive values starting at column j.
 template <class C, int K>
-__device__ __forceinline__ void ent_add(EntAcc<C>& a, const C (&u)[K], int64_t j, const RankOf<C>& rk, C k) {
+__device__ __forceinline__ void ent_add(EntAcc<C>& a, const C (&u)[K], int64_t j, const RankOf<C>& rk,
+                                        const Factor<C>& k) {
   C vm = u[0];
 #pragma unroll
   for (int i = 1; i < K; ++i) vm = maxc(vm, u[i]);
@@ -470,7 +443,7 @@ __device__ __forceinline__ void ent_add(EntAcc<C>& a, const C (&u)[K], int64_t j
     // h moves with s: h' = f (h + (m - M) s). Nothing to move while s is 0
     // (m = -inf), where (m - M) s would be NaN.
     if (a.s != 0.0) {
-      const double f = (double)exp2c((a.m - vm) * k);  // as acc_add: 0 for vm = +inf
+      const double f = (double)exp2c(k(a.m - vm));  // as acc_add: 0 for vm = +inf
       a.h = f * (a.h + ((double)a.m - (double)vm) * a.s);
       a.s *= f;
     }
@@ -481,7 +454,7 @@ __device__ __forceinline__ void ent_add(EntAcc<C>& a, const C (&u)[K], int64_t j
     C ps = 0, ph = 0;
 #pragma unroll
     for (int i = 0; i < K; ++i) {
-      const C d = u[i] - sh, e = exp2c(d * k);
+      const C d = u[i] - sh, e = exp2c(k(d));
       ps += e;
       ph += e > (C)0 ? e * d : (C)0;  // a zero weight never meets d = -inf
     }
@@ -504,7 +477,7 @@ __device__ __forceinline__ void ent_add(EntAcc<C>& a, const C (&u)[K], int64_t j
 }
 
 template <class C>
-__device__ __forceinline__ EntAcc<C> ent_acc_merge(const EntAcc<C>& a, const EntAcc<C>& b, C k) {
+__device__ __forceinline__ EntAcc<C> ent_acc_merge(const EntAcc<C>& a, const EntAcc<C>& b, const Factor<C>& k) {
   const LseState<double> sa{(double)a.m, a.s}, sb{(double)b.m, b.s};
   const MergeExp<C> e{k};
   const LseState<double> r = lse_merge(sa, sb, e);
@@ -534,12 +507,12 @@ __device__ __forceinline__ KLAcc<C> kl_empty() { return {-inf<C>(), -inf<C>(), 0
 // One side's move to a larger max; returns the factor its sums were scaled by
 // (1 when the max stays). As acc_add: 0 from m = -inf (s is 0) or to +inf.
 template <class C, int K>
-__device__ __forceinline__ double lse_lift(C& m, double& s, const C (&u)[K], C k) {
+__device__ __forceinline__ double lse_lift(C& m, double& s, const C (&u)[K], const Factor<C>& k) {
   C vm = u[0];
 #pragma unroll
   for (int i = 1; i < K; ++i) vm = maxc(vm, u[i]);
   if (!(vm > m)) return 1.0;
-  const double f = (double)exp2c((m - vm) * k);
+  const double f = (double)exp2c(k(m - vm));
   s *= f;
   m = vm;
   return f;
@@ -549,7 +522,7 @@ __device__ __forceinline__ double lse_lift(C& m, double& s, const C (&u)[K], C k
 // +inf or NaN gets no special case: its LSE is not finite, which the kernel
 // turns into a NaN loss and gradient.
 template <bool TW, bool D, class C, int K>
-__device__ __forceinline__ void kl_add(KLAcc<C>& a, const C (&us)[K], const C (&ut)[K], C k) {
+__device__ __forceinline__ void kl_add(KLAcc<C>& a, const C (&us)[K], const C (&ut)[K], const Factor<C>& k) {
   const C ms0 = a.ms, mt0 = a.mt;
   const double ss0 = a.ss, st0 = a.st;
   const double fs = lse_lift(a.ms, a.ss, us, k), ft = lse_lift(a.mt, a.st, ut, k);
@@ -561,7 +534,7 @@ __device__ __forceinline__ void kl_add(KLAcc<C>& a, const C (&us)[K], const C (&
 #pragma unroll
   for (int i = 0; i < K; ++i) {
     const C cs = us[i] - shs, ct = ut[i] - sht;  // centred: never ut - us
-    const C es = exp2c(cs * k), et = exp2c(ct * k);
+    const C es = exp2c(k(cs)), et = exp2c(k(ct));
     ps += es;
     pt += et;
     if (D) {
@@ -575,7 +548,7 @@ __device__ __forceinline__ void kl_add(KLAcc<C>& a, const C (&us)[K], const C (&
 }
 
 template <bool TW, class C>
-__device__ __forceinline__ KLAcc<C> kl_acc_merge(const KLAcc<C>& a, const KLAcc<C>& b, C k) {
+__device__ __forceinline__ KLAcc<C> kl_acc_merge(const KLAcc<C>& a, const KLAcc<C>& b, const Factor<C>& k) {
   const MergeExp<C> e{k};
   const LseState<double> as{(double)a.ms, a.ss}, bs{(double)b.ms, b.ss};
   const LseState<double> at{(double)a.mt, a.st}, bt{(double)b.mt, b.st};

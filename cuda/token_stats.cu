@@ -1,6 +1,6 @@
 // Token statistics in one read of the logits: the target's log-probability,
 // the LSE, the entropy, the largest probability and the target's rank (the
-// CUDA counterpart of cpp/cpu/token_stats.cpp; formulas in lmxent/contract.h,
+// CUDA counterpart of cpp/cpu/ops/token_stats.cpp; formulas in lmxent/contract.h,
 // TokenStatsArgs).
 //
 // Memory traffic: one read of each logit, no pass 2. The entropy sum and the
@@ -53,26 +53,18 @@ struct StatsK {
   }
 
   __device__ EntAcc<C> reduce(const EntAcc<C>& acc, EntAcc<C>* sh) const {
-    const C k = tr.k;
+    const Factor<C> k = tr.k;
     return block_merge(acc, ent_empty<C>(), [k](const EntAcc<C>& p, const EntAcc<C>& q) {
       return ent_acc_merge(p, q, k);
     }, sh);
   }
 
-  // The row's outputs from its merged state (one thread); ut: the target's logit.
+  // The row's outputs from its merged state (token_stats_row, lmxent/row_math.h;
+  // one thread), and the record of a bad class id.
   __device__ void finish(int64_t r, const RankOf<C>& rk, const EntAcc<C>& acc) const {
     const LseState<double> st{tr.kz * (double)acc.m, acc.s};
-    const double lse = lse_final(st, DLog());
-    auto put = [&](void* out, double v) {
-      if (out) ((C*)out)[r] = (C)v;
-    };
-    put(a.lse, lse);
-    put(a.entropy, ent_final(st, tr.kz * acc.h, DLog()));
-    put(a.top_prob, exp(st.m - lse));  // the max term of the sum is exactly 1
-    const int64_t t = rk.t;
-    put(a.logprob, t == -1 ? 0.0 : t == -2 ? (double)NAN : tr.kz * (double)rk.ut - lse);
-    if (a.rank) a.rank[r] = t < 0 || lse != lse ? -1 : (int64_t)acc.above;
-    if (t == -2) {
+    token_stats_row<C>(a, r, st, tr.kz * acc.h, (double)acc.m, tr.kz, rk.t, (double)rk.ut, (int64_t)acc.above);
+    if (rk.t == -2) {
       atomicAdd(&g_bad_stats[0], 1ull);
       atomicMax(&g_bad_stats[1], ~0ull - (unsigned long long)r);
     }
@@ -122,10 +114,10 @@ __global__ void __launch_bounds__(kMaxThreads, 2) stats_finish(StatsK<T> k, cons
 }
 
 template <class T>
-cudaError_t launch(const TokenStatsArgs& a, const Launch& l) {
+cudaError_t enqueue(const TokenStatsArgs& a, const Launch& l) {
   typedef typename Compute<T>::type C;
   const Plan p = make_plan(a.logits.rows, a.logits.cols, (int)sizeof(T), l.sm_count);
-  const StatsK<T> k{a, make_tr<C, false>(a.tr)};
+  const StatsK<T> k{a, Tr<C, false>(a.tr)};
   const cudaStream_t st = (cudaStream_t)l.stream;
   if (p.split == 1) {
     stats_rows<T><<<p.grid_rows, p.threads, 0, st>>>(k);
@@ -139,17 +131,17 @@ cudaError_t launch(const TokenStatsArgs& a, const Launch& l) {
 
 }  // namespace
 
-size_t token_stats_scratch(const TokenStatsArgs& a, int sm_count) {
+size_t scratch(const TokenStatsArgs& a, int sm_count) {
   const int64_t n = a.logits.rows;
   if (n == 0 || a.logits.cols == 0) return 0;
   const Plan p = make_plan(n, a.logits.cols, (int)item_size(a.logits.dtype), sm_count);
   return p.split > 1 ? (size_t)n * (size_t)p.split * sizeof(StatPart) : 0;
 }
 
-int token_stats(const TokenStatsArgs& a, const Launch& l) {
+int launch(const TokenStatsArgs& a, const Launch& l) {
   if (a.logits.rows == 0 || a.logits.cols == 0) return (int)cudaSuccess;
   cudaError_t e = cudaSuccess;
-  with_dtype(a.logits.dtype, [&](auto* tag) { e = launch<std::remove_pointer_t<decltype(tag)>>(a, l); });
+  with_dtype(a.logits.dtype, [&](auto* tag) { e = enqueue<std::remove_pointer_t<decltype(tag)>>(a, l); });
   return (int)e;
 }
 

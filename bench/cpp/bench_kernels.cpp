@@ -1,4 +1,4 @@
-// The CPU kernel table (cpp/cpu/kernels.h) timed directly with Google
+// The CPU kernels (cpp/cpu/kernels.h, lmxent::cpu::run) timed directly with Google
 // Benchmark, without Python, NumPy or the bindings in the way: logsumexp,
 // log_softmax, cross_entropy forward, cross_entropy with its gradient into a
 // separate buffer and in place, and a memcpy of the same bytes as the baseline,
@@ -139,7 +139,6 @@ lmxent::CEArgs ce_args(Case& c, void* logits, void* grad) {
 
 void run(benchmark::State& state, OpInfo info, Shape s, DType dt) {
   Case& c = get_case(s, dt);
-  const lmxent::cpu::Kernels& k = lmxent::cpu::active();
   void* x = c.x.data();
   void* out = c.out.data();
   lmxent::SoftmaxArgs sa;
@@ -159,8 +158,8 @@ void run(benchmark::State& state, OpInfo info, Shape s, DType dt) {
     switch (info.op) {
       case Op::Memcpy: memcpy(out, x, c.bytes()); break;
       case Op::Logsumexp:
-      case Op::LogSoftmax: k.softmax(sa); break;
-      default: k.cross_entropy(ca);
+      case Op::LogSoftmax: lmxent::cpu::run(sa); break;
+      default: lmxent::cpu::run(ca);
     }
     benchmark::ClobberMemory();
   }
@@ -170,7 +169,7 @@ void run(benchmark::State& state, OpInfo info, Shape s, DType dt) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  // --isa=NAME selects that table exactly (and is taken out of argv before
+  // --isa=NAME selects that instruction set exactly (and is taken out of argv before
   // Google Benchmark reads its own flags).
   int kept = 1;
   for (int i = 1; i < argc; ++i) {

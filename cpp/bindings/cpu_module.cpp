@@ -25,12 +25,6 @@ using lmxent::bindings::fail;
 
 namespace {
 
-// The kernels, one line per op.
-void kernel(const lmxent::SoftmaxArgs& a) { lmxent::cpu::active().softmax(a); }
-void kernel(const lmxent::CEArgs& a) { lmxent::cpu::active().cross_entropy(a); }
-void kernel(const lmxent::TokenStatsArgs& a) { lmxent::cpu::active().token_stats(a); }
-void kernel(const lmxent::KLArgs& a) { lmxent::cpu::active().kl_divergence(a); }
-
 // NumPy arrays, for core.h.
 struct Cpu {
   using Array = const py::array&;
@@ -60,7 +54,7 @@ struct Cpu {
   template <class Args>
   static void run(const Args& a, Call&, const char*) {
     py::gil_scoped_release nogil;
-    kernel(a);
+    lmxent::cpu::run(a);  // the kernel of the active instruction set
   }
 };
 

@@ -169,31 +169,23 @@ py::object scratch(size_t bytes, const Call& c) {
   return mem;
 }
 
-// scratch_fn: the bytes of scratch a call needs, or nullptr for none.
+// Any op: its scratch (from the op's scratch()), then its launcher, both
+// declared for every op by LMXENT_OP in the contract.
 template <class A>
-void launch(const A& args, const Call& c, const char* op, size_t (*scratch_fn)(const A&, int),
-            int (*launcher)(const A&, const lmxent::cuda::Launch&)) {
+void kernel(const A& args, Call& c, const char* op) {
   lmxent::cuda::Launch l;
   l.stream = c.stream;
   l.sm_count = sm_count(c.device);
-  py::object mem = scratch(scratch_fn ? scratch_fn(args, l.sm_count) : 0, c);
+  py::object mem = scratch(lmxent::cuda::scratch(args, l.sm_count), c);
   if (!mem.is_none()) l.scratch = (void*)py::cast<uintptr_t>(mem.attr("ptr"));
   cudaGetLastError();  // an earlier failed runtime call must not be reported as ours
   int err;
   {
     py::gil_scoped_release nogil;
-    err = launcher(args, l);
+    err = lmxent::cuda::launch(args, l);
   }
   check(err, std::string(op) + " launch");
 }
-
-// The kernels, one line per op: the scratch a call needs (nullptr: none) and the launcher.
-namespace k = lmxent::cuda;
-using lmxent::CEArgs, lmxent::KLArgs, lmxent::SoftmaxArgs, lmxent::TokenStatsArgs;
-void kernel(const SoftmaxArgs& a, Call& c, const char* op) { launch(a, c, op, &k::softmax_scratch, &k::softmax); }
-void kernel(const CEArgs& a, Call& c, const char* op) { launch(a, c, op, &k::cross_entropy_scratch, &k::cross_entropy); }
-void kernel(const TokenStatsArgs& a, Call& c, const char* op) { launch(a, c, op, &k::token_stats_scratch, &k::token_stats); }
-void kernel(const KLArgs& a, Call& c, const char* op) { launch<KLArgs>(a, c, op, nullptr, &k::kl_divergence); }
 
 // CuPy arrays, for core.h.
 struct Cuda {

@@ -1,4 +1,4 @@
-// Chooses the kernel table at load time: AVX-512 (F, BW, VL, DQ) where the
+// Chooses the instruction set at load time: AVX-512 (F, BW, VL, DQ) where the
 // processor and OS support it, else AVX2+FMA+F16C, else the baseline build.
 // LMXENT_ISA=base|avx2|avx512 in the environment caps the choice (testing,
 // or a processor whose wide vectors clock down).
@@ -11,11 +11,8 @@ namespace lmxent {
 namespace cpu {
 namespace {
 
-#define LMXENT_TABLE(ns, name) \
-  Kernels { name, ns::softmax, ns::cross_entropy, ns::token_stats, ns::kl_divergence, ns::math }
-
 struct Entry {
-  Kernels k;
+  Isa k;
   bool (*supported)();
 };
 
@@ -30,17 +27,17 @@ bool has_avx2() {
 }
 bool always() { return true; }
 const Entry kEntries[] = {
-    {LMXENT_TABLE(isa_avx512, "avx512"), has_avx512},
-    {LMXENT_TABLE(isa_avx2, "avx2"), has_avx2},
-    {LMXENT_TABLE(isa_base, "base"), always},
+    {{"avx512", Level::Avx512}, has_avx512},
+    {{"avx2", Level::Avx2}, has_avx2},
+    {{"base", Level::Base}, always},
 };
 #else
 bool always() { return true; }
-const Entry kEntries[] = {{LMXENT_TABLE(isa_base, "base"), always}};
+const Entry kEntries[] = {{{"base", Level::Base}, always}};
 #endif
 constexpr int kCount = sizeof(kEntries) / sizeof(kEntries[0]);
 
-const Kernels* pick(const char* cap) {
+const Isa* pick(const char* cap) {
   bool reached = cap == nullptr || *cap == 0;
   for (const Entry& e : kEntries) {
     if (!reached && strcmp(e.k.isa, cap) == 0) reached = true;
@@ -49,11 +46,11 @@ const Kernels* pick(const char* cap) {
   return &kEntries[kCount - 1].k;
 }
 
-const Kernels* g_active = pick(getenv("LMXENT_ISA"));
+const Isa* g_active = pick(getenv("LMXENT_ISA"));
 
 }  // namespace
 
-const Kernels& active() { return *g_active; }
+const Isa& active() { return *g_active; }
 
 bool select(const char* name) {
   for (const Entry& e : kEntries)

@@ -1,4 +1,7 @@
-// The row walker shared by every CPU op family.
+// The row walker shared by every CPU op family. The math of a row (the
+// transform, z - lse relative to the max, the per-row outputs) is
+// lmxent/row_math.h, shared with CUDA; Prims below gives it its vector
+// primitives.
 //
 // A row is read in L1-sized chunks. Pass 1 transforms a chunk into a small
 // buffer while taking its max, then sums exp(z - max) (and the spread-target
@@ -12,17 +15,35 @@
 // long, each row is split across tasks and the partial states are merged
 // (lse_merge of the contract). Small inputs run on the calling thread.
 #pragma once
-#include <float.h>
 #include <math.h>
 
 #include <stdlib.h>
 
 #include <type_traits>
 
+#include "lmxent/row_math.h"
 #include "simd.h"
 #include "thread_pool.h"
 
 namespace lmxent {
+inline namespace LMXENT_ISA {
+
+// The primitives of the shared row math (lmxent/row_math.h) on vectors of C.
+template <class C>
+struct Prims {
+  typedef cpu::V<C> U;
+  static U splat(C v) { return cpu::splat<C>(v); }
+  static C lane0(U v) { return v[0]; }
+  static U tanh(U v) { return cpu::vtanh<C>(v); }
+  static U exp_neg(U v) { return cpu::vexp_neg(v); }
+  static U log1p_unit(U v) { return cpu::vlog1p_unit<C>(v); }
+  static U max(U a, U b) { return cpu::vmax<C>(a, b); }
+  template <class M>
+  static U select(M m, U a, U b) { return cpu::vselect<C>(m, a, b); }
+};
+
+}  // namespace LMXENT_ISA
+
 namespace cpu {
 inline namespace LMXENT_ISA {
 
@@ -50,85 +71,6 @@ inline V<C> lane_index() {
   for (int i = 0; i < Vec<C>::W; ++i) v[i] = (C)i;
   return v;
 }
-
-// A double factor f applied to values of C, v f, as v hi (lo1 lo2): one
-// multiply where f is a comfortable C value; beyond that, hi keeps f's
-// mantissa and the lo's the rest of its power of two, each clamped to C's
-// range, so that 0 stays 0 (never 0 * inf) and v f under- or overflows where
-// the exact product does (the options are doubles: a temperature of 1e-300
-// is a scale far outside float's range).
-template <class C>
-struct Factor {
-  C hi, lo1 = 1, lo2 = 1;
-  bool wide = false;
-  explicit Factor(double f) {
-    constexpr int kE = sizeof(C) == 4 ? 100 : 900, kMax = sizeof(C) == 4 ? 127 : 1023,
-                  kMin = sizeof(C) == 4 ? -149 : -1074;
-    const bool huge = f > DBL_MAX || f < -DBL_MAX;
-    int e = 1 << 12;
-    const double m = huge ? copysign(0.5, f) : frexp(f, &e);
-    if (f == 0 || f != f || (e > -kE && e < kE)) {
-      hi = (C)f;
-      return;
-    }
-    wide = true;
-    const int eh = e > 0 ? kE : -kE;
-    hi = (C)ldexp(m, eh);
-    auto clamp = [&](int x) { return x > kMax ? kMax : x < kMin ? kMin : x; };
-    const int e1 = clamp(e - eh), e2 = clamp(e - eh - e1);
-    lo1 = (C)ldexp(1.0, e1);
-    lo2 = (C)ldexp(1.0, e2);
-  }
-  V<C> operator()(V<C> v) const { return wide ? v * hi * lo1 * lo2 : v * hi; }
-  // the same, with the range handling only when Wide (a loop picks it once)
-  template <bool Wide>
-  V<C> mul(V<C> v) const { return Wide ? (*this)(v) : v * hi; }
-};
-
-// The element transform of the contract, vectorised. SC: softcap on.
-// z = kz * pre(x) = kz * u: without a softcap u is x and the scale is folded
-// into the exps (kz = scale); with one, u is the whole transform (kz = 1).
-// The options stay exact in double (s, kz) and meet C values as Factors, so
-// that any positive scale or cap works.
-//
-// Scales beyond 2^894 act as 2^894 in float: z = s x then overflows float for
-// every nonzero x, and all differences of z underflow its exp, either way;
-// it keeps kz max(u), the chunk shift, within double's range.
-template <class C>
-constexpr double kScaleMax = sizeof(C) == 4 ? 0x1p894 : DBL_MAX;
-template <class C, bool SC>
-struct Tr {
-  static constexpr bool kTransforms = SC;
-  double s, kz, cap_d;         // scale, z = kz u, softcap
-  Factor<C> scale, w, cap, k;  // s, s / cap, cap, kz log2(e)
-  explicit Tr(const Transform& t)
-      : s(t.scale < kScaleMax<C> ? t.scale : kScaleMax<C>), kz(SC ? 1.0 : s), cap_d(t.softcap),
-        scale(s), w(SC ? s / t.softcap : 1.0), cap(SC ? t.softcap : 1.0), k(kz * 1.4426950408889634073599) {}
-  // u; under a softcap also th = tanh(s x / cap), the slope's factor (u / cap
-  // loses it where cap is tiny)
-  V<C> pre(V<C> x, V<C>* th = nullptr) const {
-    if (!SC) return x;
-    const V<C> y = w(x), t = vtanh<C>(y);
-    if (th) *th = t;
-    if (!w.wide && !cap.wide) return t * cap.hi;
-    // where tanh(y) rounds to y, z = s x: exact also where y underflowed
-    const C tiny = sizeof(C) == 4 ? (C)0x1p-12 : (C)0x1p-27;
-    return vselect<C>((y < 0 ? -y : y) < tiny, scale(x), cap(t));
-  }
-  // u of one element, in double (exact without a softcap)
-  double one_u(C x) const { return SC ? (double)pre(splat<C>(x))[0] : (double)x; }
-  // v dz/dx: v s, times 1 - th^2 under a softcap
-  template <bool Wide = true>
-  V<C> times_slope(V<C> v, V<C> th) const {
-    return scale.template mul<Wide>(SC ? v * ((C)1 - th * th) : v);
-  }
-  bool wide() const { return scale.wide; }
-  double slope_one(double x) const {
-    if (!SC) return s;
-    const double t = ::tanh(s * x / cap_d);
-    return s * (1.0 - t * t);
-  }
-};
 
 // Spread-target generators: t_j of the contract, per column j. vec() for a
 // full vector at j, part() for the n < W lanes of a row tail, at() for one.
@@ -229,13 +171,6 @@ struct RankOf {
   C ut;
   int64_t t;
 };
-
-// e * d with e = 0 contributing 0 even where d is -inf (e underflowed or the
-// entry is -inf): the entropy and KL sums weight d by a probability.
-template <class C, bool Guard>
-inline V<C> weighted(V<C> e, V<C> d) {
-  return Guard ? vselect<C>(e > (C)0, e * d, V<C>{}) : e * d;
-}
 
 template <class T, class TR, class S, bool Stats = false>
 Partial row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr_in, const S& sp,
@@ -382,49 +317,6 @@ Partial row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr_in, const S
   return acc;
 }
 
-// z - lse for a double lse, as (z - hi) - lo with hi = lse rounded to C:
-// z - hi is exact near the max, so the result keeps the double's accuracy
-// where it matters (probabilities near 1) instead of ulp(lse) / 2.
-template <class C>
-struct LseSplit {
-  C hi, lo;
-  explicit LseSplit(double lse)
-      : hi((C)lse), lo(lse > -(double)INFINITY && lse < (double)INFINITY ? (C)(lse - (double)(C)lse) : (C)0) {}
-  V<C> sub(V<C> z) const { return (z - hi) - lo; }
-};
-
-// z - lse in pass 2, as kz (u - M) - L with L = lse - kz M, the log of the
-// row's sum relative to its largest u (M): u - M is exact near the max, and
-// kz (u - M) <= 0 can only overflow to -inf (probability 0), for any scale,
-// while z and lse themselves may be far outside C's range. Without a finite
-// relative form (no pass 1, a non-finite LSE) M = 0 and L = lse.
-struct RowShift {
-  double M = 0, L = 0;
-  bool rel = false;
-  RowShift() = default;
-  RowShift(const Partial& p, double lse, bool has_pass1) {
-    rel = has_pass1 && lse > -(double)INFINITY && lse < (double)INFINITY && p.st.s > 0;
-    M = rel ? p.mu : 0.0;
-    L = rel ? ::log(p.st.s) : lse;
-  }
-  // log p of one element given its u, in double
-  double logp(double kz, double u) const { return kz * (u - M) - L; }
-};
-template <class C>
-struct ShiftV {
-  C M;
-  Factor<C> kz;
-  LseSplit<C> L;
-  bool L_inf;  // a caller's LSE of +inf: p = 0 for any finite z, which kz u may not be in C
-  ShiftV(const RowShift& r, double kz) : M((C)r.M), kz(kz), L(r.L), L_inf(r.L == (double)INFINITY) {}
-  bool wide() const { return kz.wide || L_inf; }
-  template <bool Wide = true>
-  V<C> sub(V<C> u) const {
-    if (Wide && L_inf) return vselect<C>(u == (C)INFINITY, splat<C>((C)NAN), splat<C>(-(C)INFINITY));
-    return L.sub(kz.template mul<Wide>(u - M));
-  }
-};
-
 // Pass 2 may use the kept exps only for a finite LSE: with +inf (or NaN)
 // the chunk factor would turn the finite entries into NaN.
 inline bool keep_usable(double lse) { return lse > -(double)INFINITY && lse < (double)INFINITY; }
@@ -441,7 +333,7 @@ inline void keep_factors(const Keep<C>& k, int64_t c0, int64_t c1, const RowShif
 // line that an ordinary store costs, a third of the memory traffic.
 constexpr int64_t kStreamBytes = 32 << 20;
 inline bool stream_output(const View2D& out, const void* in) {
-  const int64_t item = out.dtype == DType::F64 ? 8 : out.dtype == DType::F32 ? 4 : 2;
+  const int64_t item = item_size(out.dtype);
   return out.data != in && item >= 4 && out.rows * out.cols * item > kStreamBytes;
 }
 
@@ -573,15 +465,10 @@ void run_rows(int64_t rows, int64_t cols, const Op& op) {
   });
 }
 
-// Calls f.template operator()<T>() with the storage type of a dtype.
+// Calls f((T*)nullptr) with the storage type T of a dtype.
 template <class F>
 inline void with_dtype(DType dt, F&& f) {
-  switch (dt) {
-    case DType::F32: f((float*)nullptr); break;
-    case DType::F64: f((double*)nullptr); break;
-    case DType::F16: f((f16_t*)nullptr); break;
-    case DType::BF16: f((bf16_t*)nullptr); break;
-  }
+  with_storage<f16_t, bf16_t>(dt, f);
 }
 
 }  // namespace LMXENT_ISA

@@ -3,11 +3,19 @@
 // log-sum-exp state and its merge, the cross-entropy loss and gradient
 // coefficients). Backends differ only in how they walk memory.
 //
+// Each op's argument struct is followed by LMXENT_OP(Args), which declares its
+// kernels: the CPU kernel in every instruction-set namespace (cpu::run in
+// cpp/cpu/kernels.h calls the one of the active ISA) and the CUDA launcher and
+// scratch size (cuda/kernels.h). An op is then its Args here, one file in
+// cpp/cpu/ops/ defining cpu::kernel(const Args&) and one in cuda/ defining
+// cuda::launch and cuda::scratch: no list elsewhere names it.
+//
 // Everything with code lives in an inline namespace named after the
 // instruction set the including file is compiled for, so the copies compiled
 // with AVX-512, AVX2 and baseline flags never collide at link time.
 #pragma once
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #ifdef __CUDACC__
@@ -20,6 +28,33 @@
 #endif
 
 namespace lmxent {
+
+// The ISA namespace a CPU kernel file is compiled for is inline (its code
+// refers to its own names unqualified); it must be declared inline before
+// LMXENT_OP reopens it.
+namespace cpu {
+inline namespace LMXENT_ISA {}
+}
+namespace cuda {
+struct Launch;  // cuda/kernels.h
+}
+
+// The CPU kernel of an op, one per instruction set (the list of ISAs is
+// CMakeLists.txt's lmxent_isa calls).
+#define LMXENT_CPU_OP(Args)                            \
+  namespace cpu {                                      \
+  namespace isa_base { void kernel(const Args&); }     \
+  namespace isa_avx2 { void kernel(const Args&); }     \
+  namespace isa_avx512 { void kernel(const Args&); }   \
+  }
+// An op of both backends: its CPU kernels, and its CUDA launcher (enqueues on
+// the stream, returns a cudaError_t) and scratch bytes (0: none).
+#define LMXENT_OP(Args)                                \
+  LMXENT_CPU_OP(Args)                                  \
+  namespace cuda {                                     \
+  int launch(const Args& a, const Launch& l);          \
+  size_t scratch(const Args& a, int sm_count);         \
+  }
 
 enum class DType : int32_t { F32 = 0, F64 = 1, F16 = 2, BF16 = 3 };
 
@@ -46,6 +81,7 @@ struct SoftmaxArgs {
   Transform tr;
   bool log = false;    // out = log_softmax (else softmax)
 };
+LMXENT_OP(SoftmaxArgs)
 
 // Cross-entropy over rows. Per row, with z the transformed logits, lse its
 // log-sum-exp and t_j the "spread" target term (see ce_spread below):
@@ -67,6 +103,7 @@ struct CEArgs {
   double grad_scale = 1.0;          // multiplies every gradient row
   const void* grad_rows = nullptr;  // rows values of C multiplying each row, or nullptr
 };
+LMXENT_OP(CEArgs)
 
 // Token statistics of class-id targets, one read of each row: z = scale * x
 // (scale = 1 / temperature). Outputs (rows values each, any may be nullptr):
@@ -83,6 +120,7 @@ struct TokenStatsArgs {
   void *logprob = nullptr, *lse = nullptr, *entropy = nullptr, *top_prob = nullptr;  // C
   int64_t* rank = nullptr;
 };
+LMXENT_OP(TokenStatsArgs)
 
 // KL divergence between softmax(student * scale) = p and softmax(teacher * scale) = q
 // over each row (scale = 1 / temperature):
@@ -103,6 +141,7 @@ struct KLArgs {
   double grad_scale = 1.0;
   const void* grad_rows = nullptr;
 };
+LMXENT_OP(KLArgs)
 
 inline namespace LMXENT_ISA {
 

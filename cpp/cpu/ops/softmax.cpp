@@ -4,7 +4,7 @@
 // pass 2, only when an output is asked for, reads the row again (from L2 for
 // rows up to ~256K float32 values) and writes the output: one read and one
 // write of the tensor from DRAM.
-#include "rows.h"
+#include "../rows.h"
 
 namespace lmxent {
 namespace cpu {
@@ -29,7 +29,7 @@ struct SoftmaxOp {
   Row finish(int64_t r, const Partial& p) const {
     const double lse = lse_final(p.st, dlog);
     if (a.lse) ((C*)a.lse)[r] = (C)lse;
-    return {lse, RowShift(p, lse, true)};
+    return {lse, RowShift(p.mu, p.st.s, lse, true)};
   }
   void pass2(int64_t r, const Row& k, int64_t c0, int64_t c1, const Keep<C>* keep) const {
     if (!a.out.data) return;
@@ -54,7 +54,7 @@ struct SoftmaxOp {
   void after(int64_t, const Row&) const {}
 };
 
-void softmax(const SoftmaxArgs& a) {
+void kernel(const SoftmaxArgs& a) {
   with_dtype(a.x.dtype, [&](auto* tag) {
     typedef typename std::remove_pointer<decltype(tag)>::type T;
     typedef typename Compute<T>::type C;

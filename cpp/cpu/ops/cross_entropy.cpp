@@ -9,20 +9,11 @@
 // write per element. Backward from a saved LSE skips pass 1 for class ids.
 #include <limits>
 
-#include "rows.h"
+#include "../rows.h"
 
 namespace lmxent {
 namespace cpu {
 inline namespace LMXENT_ISA {
-
-// A row's scalars, in double: the LSE's rounding to float would otherwise
-// enter every probability.
-struct RowK {
-  bool skip;  // ignored row: zero gradient
-  double lse, A, rs, hard_w, x_t, u_t;
-  int64_t t;
-  RowShift sh;
-};
 
 template <class T, bool SC, class S>
 struct CEOp {
@@ -47,35 +38,28 @@ struct CEOp {
     return row_partial(x(r), c0, c1, tr, spread.row(r), keep);
   }
 
-  RowK finish(int64_t r, const Partial& p) const {
-    RowK k{};
+  // The row's scalars (CERow, lmxent/row_math.h) and its loss and LSE.
+  CERow finish(int64_t r, const Partial& p) const {
+    CERow k{};
     k.lse = a.lse_given ? (double)((const C*)a.lse)[r] : lse_final(p.st, dlog);
     if (!a.lse_given && a.lse) ((C*)a.lse)[r] = (C)k.lse;
-    k.sh = RowShift(p, k.lse, !a.lse_given);
-    k.skip = ignored(r);
-    if (k.skip) {
+    k.sh = RowShift(p.mu, p.st.s, k.lse, !a.lse_given);
+    k.state = ignored(r) ? 1 : 0;
+    if (k.state) {
       if (a.loss) ((C*)a.loss)[r] = 0;
       return k;
     }
-    const C* w = (const C*)a.class_weight;
     k.t = prob() ? -1 : a.targets[r];
-    k.hard_w = prob() ? 0.0 : hard_k * (w ? (double)w[k.t] : 1.0);
     k.x_t = prob() ? 0.0 : (double)to_compute(x(r)[k.t]);
     k.u_t = tr.one_u((C)k.x_t);
-    const double t_sum = prob() ? p.t_sum : t_sum_k;
-    if (a.loss) {
-      const double lse_zt = prob() ? 0.0 : -k.sh.logp(tr.kz, k.u_t);
-      ((C*)a.loss)[r] = (C)ce_loss(k.lse, lse_zt, k.hard_w, t_sum, p.tz_sum, a.z_loss);
-    }
-    k.A = ce_grad_coef(k.lse, k.hard_w, t_sum, a.z_loss);
-    k.rs = a.grad_scale * (a.grad_rows ? (double)((const C*)a.grad_rows)[r] : 1.0);
+    ce_row<C>(a, r, tr.kz, hard_k, prob() ? p.t_sum : t_sum_k, p.tz_sum, true, k);
     return k;
   }
 
-  void pass2(int64_t r, const RowK& k, int64_t c0, int64_t c1, const Keep<C>* keep) const {
+  void pass2(int64_t r, const CERow& k, int64_t c0, int64_t c1, const Keep<C>* keep) const {
     if (!a.grad.data) return;
     T* g = (T*)a.grad.data + r * a.grad.stride;
-    if (k.skip) {
+    if (k.state) {
       row_emit(g, c0, c1, [](int64_t, int64_t) { return V<C>{}; }, stream);
       return;
     }
@@ -127,11 +111,9 @@ struct CEOp {
 
   // The target element, from the logit saved before pass 2 (which may have
   // overwritten it), rounded once.
-  void after(int64_t r, const RowK& k) const {
-    if (!a.grad.data || k.skip || prob()) return;
-    const double p = ::exp(k.sh.logp(tr.kz, k.u_t));
-    const double Ap = p == 0 ? 0.0 : k.A * p;  // A may be huge (z_loss) where p underflowed
-    const double g = (Ap - (double)spread.at(k.t) - k.hard_w) * tr.slope_one(k.x_t) * k.rs;
+  void after(int64_t r, const CERow& k) const {
+    if (!a.grad.data || k.state || prob()) return;
+    const double g = ce_target_grad(k, tr.kz, (double)spread.at(k.t), tr.slope_one(k.x_t));
     from_compute((T*)a.grad.data + r * a.grad.stride + k.t, (C)g);
   }
 };
@@ -169,13 +151,11 @@ static void ce_by_spread(const CEArgs& a) {
   }
 }
 
-void cross_entropy(const CEArgs& a) {
+void kernel(const CEArgs& a) {
   with_dtype(a.logits.dtype, [&](auto* tag) {
     typedef typename std::remove_pointer<decltype(tag)>::type T;
     typedef typename Compute<T>::type C;
-    // a cap that no finite z can approach (|z / cap| < 2^-27) changes nothing
-    const bool caps = a.tr.softcap > 0 && !(a.tr.softcap > a.tr.scale * (double)std::numeric_limits<C>::max() * 0x1p27);
-    if (caps)
+    if (softcaps<C>(a.tr))
       ce_by_spread<T, true>(a);
     else
       ce_by_spread<T, false>(a);

@@ -5,7 +5,7 @@
 // Memory traffic: one read of each logit. The entropy sum rides in the same
 // exp loop as the LSE (row_partial with Stats); the rank count re-reads each
 // chunk from L1. No pass 2.
-#include "rows.h"
+#include "../rows.h"
 
 namespace lmxent {
 namespace cpu {
@@ -31,26 +31,15 @@ struct TokenStatsOp {
   }
 
   int finish(int64_t r, const Partial& p) const {
-    const double lse = lse_final(p.st, dlog);
     const int64_t t = target(r);
-    auto put = [&](void* out, double v) {
-      if (out) ((C*)out)[r] = (C)v;
-    };
-    put(a.lse, lse);
-    put(a.entropy, ent_final(p.st, p.h, dlog));
-    // relative to the row's max (z and lse may be beyond C's range); its term
-    // of the sum is exactly 1
-    const RowShift sh(p, lse, true);
-    put(a.top_prob, sh.rel ? ::exp(-sh.L) : ::exp(p.st.m - lse));
-    put(a.logprob, t < 0 ? 0.0 : sh.logp(tr.kz, (double)to_compute(x(r)[t])));
-    if (a.rank) a.rank[r] = t < 0 || lse != lse ? -1 : p.above;
+    token_stats_row<C>(a, r, p.st, p.h, p.mu, tr.kz, t, t < 0 ? 0.0 : (double)to_compute(x(r)[t]), p.above);
     return 0;
   }
   void pass2(int64_t, int, int64_t, int64_t, const Keep<C>*) const {}
   void after(int64_t, int) const {}
 };
 
-void token_stats(const TokenStatsArgs& a) {
+void kernel(const TokenStatsArgs& a) {
   with_dtype(a.logits.dtype, [&](auto* tag) {
     typedef typename std::remove_pointer<decltype(tag)>::type T;
     typedef typename Compute<T>::type C;

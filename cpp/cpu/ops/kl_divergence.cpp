@@ -19,7 +19,7 @@
 // without a gradient, twice with one (the second read from L2 for rows that
 // fit), and write the gradient. Rows are spread over threads; one long row
 // is not split.
-#include "rows.h"
+#include "../rows.h"
 
 namespace lmxent {
 namespace cpu {
@@ -92,22 +92,7 @@ struct KLOp {
     return acc;
   }
 
-  // Per element: p, q, and for Jensen-Shannon log(p / m) and log(q / m).
-  struct Elem {
-    V<C> p, q, lpm, lqm;
-  };
-  Elem elem(V<C> us, V<C> ut, const LogProb<C>& ls, const LogProb<C>& lt, bool js) const {
-    const V<C> a_s = ls(us), a_t = lt(ut);
-    Elem e{vexp_neg(a_s), vexp_neg(a_t), {}, {}};
-    if (js) {  // log(p / m) = log 2 - softplus(a_t - a_s), and the same for q
-      const V<C> dd = a_t - a_s, ad = vmax<C>(dd, -dd);
-      const V<C> l = vlog1p_unit<C>(vexp_neg(-ad));
-      const C ln2 = (C)0.69314718055994530942;
-      e.lpm = ln2 - (vmax<C>(dd, V<C>{}) + l);
-      e.lqm = ln2 - (vmax<C>(-dd, V<C>{}) + l);
-    }
-    return e;
-  }
+  typedef KLElem<C, V<C>> Elem;  // p, q and the Jensen-Shannon log-ratios (lmxent/row_math.h)
 
   // sum_j p log(p / m), sum_j q log(q / m) of a row (Jensen-Shannon, pass 2).
   // Summed per chunk in C, across chunks in double.
@@ -118,7 +103,7 @@ struct KLOp {
       V<C> sp = {}, sq = {}, us, ut;
       for (int64_t j = b; j < c1; j += W) {
         at(xs(r), xt(r), j, imin(W, c1 - j), us, ut);
-        const Elem e = elem(us, ut, ls, lt, true);
+        const Elem e(us, ut, ls, lt, true);
         sp += weighted<C, true>(e.p, e.lpm);
         sq += weighted<C, true>(e.q, e.lqm);
       }
@@ -148,9 +133,9 @@ struct KLOp {
       js_sums(r, cols, ls, lt, js_p, js_q);
       kl = 0.5 * (js_p + js_q);
     } else {
-      kl = forward() ? (double)kz * p.d / p.t.s + log_ss - log_st : (double)kz * p.d / p.s.s + log_st - log_ss;
+      kl = kl_row_loss(a.dir, (double)kz, p.d, p.s.s, p.t.s, log_ss, log_st);
     }
-    kl = kl < 0 ? 0 : kl;  // only rounding makes it negative
+    kl = kl_clamp(kl);
     if (loss) loss[r] = (C)kl;
     if (!g) return;
     const C f = (C)((double)kz * a.grad_scale * (a.grad_rows ? (double)((const C*)a.grad_rows)[r] : 1.0));
@@ -160,16 +145,12 @@ struct KLOp {
       V<C> us, ut;
       at(xs(r), xt(r), j, n, us, ut);
       if (!ok) return splat<C>((C)NAN);
-      const Elem e = elem(us, ut, ls, lt, js);
-      if (forward()) return (e.p - e.q) * f;
-      // d/dzs_j = p_j (c_j - sum_k p_k c_k): c = log p - log q (reverse), log(p / m) / 2 (JS)
-      const V<C> c = js ? e.lpm * (C)0.5 : ls(us) - lt(ut);
-      return weighted<C, true>(e.p, c - base) * f;
+      return Elem(us, ut, ls, lt, js).grad(a.dir, base) * f;
     });
   }
 };
 
-void kl_divergence(const KLArgs& a) {
+void kernel(const KLArgs& a) {
   with_dtype(a.student.dtype, [&](auto* tag) {
     typedef typename std::remove_pointer<decltype(tag)>::type T;
     typedef typename Compute<T>::type C;
