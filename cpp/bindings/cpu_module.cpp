@@ -66,7 +66,7 @@ void math(const py::array& in, const py::array& out, int fn) {
     fail("math", "expects two (1, n) float32 or float64 arrays");
   if (fn < 0 || fn > 2) fail("math", "fn must be 0 (exp of x <= 0), 1 (tanh) or 2 (log1p of 0 <= x <= 1)");
   py::gil_scoped_release nogil;
-  lmxent::cpu::active().math(i.data, o.data, i.cols, i.dtype, fn);
+  lmxent::cpu::run(lmxent::MathArgs{i.data, o.data, i.cols, i.dtype, fn});
 }
 
 // An uninitialised uint8 array of `bytes` from the output pool; the block goes
