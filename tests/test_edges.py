@@ -8,8 +8,8 @@ import pytest
 import lmxent as lx
 from lmxent import reference as R
 
-from conftest import (DTYPE_IDS, DTYPES, F64, assert_grad_close, assert_nan_inf_equal,
-                      dtype_id, loss_dtype, lowp)
+from helpers import (DTYPE_IDS, DTYPES, F64, assert_grad_close, assert_nan_inf_equal,
+                     dtype_id, loss_dtype, lowp)
 
 
 # ---------------------------------------------------------------- odd columns
