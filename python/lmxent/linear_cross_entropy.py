@@ -72,6 +72,15 @@ def _times(xp, a, scale):
         xp.ldexp(a, exponent, out=a)
 
 
+def default_chunk_rows(hidden, weight):
+    """The token rows of a chunk linear_cross_entropy takes by default for `hidden`
+    (..., D) and `weight` (V, D): a logits buffer no larger than the hidden states,
+    but at least MIN_CHUNK_ROWS rows (and at most every token)."""
+    row_bytes = weight.shape[0] * A.compute_dtype(hidden.dtype).itemsize
+    rows = max(hidden.nbytes // row_bytes, MIN_CHUNK_ROWS)
+    return min(rows, hidden.size // hidden.shape[-1])
+
+
 class _Head:
     """Validated arrays and sizes of one call: hidden as (N, D) rows, the weight
     (and bias) in the compute dtype, flat targets, and the chunk row count."""
@@ -123,7 +132,7 @@ class _Head:
         self.t, _, self.denom = checked_ids(t, self.lead, V, self.cw, opts, xp, checks)
         checks.done()
 
-        self.rows = self._chunk_rows(chunk_size, memory_budget, h.nbytes)
+        self.rows = self._chunk_rows(chunk_size, memory_budget, h, w)
         self.hidden = h
         self.h2 = h.reshape(N, D)
         # The products need a BLAS layout: C or F order (weight.T of a (D, V) array
@@ -137,7 +146,7 @@ class _Head:
             raise TypeError(f"{name}: dtype {a.dtype} differs from hidden's dtype "
                             f"{self.dtype} (cast one of them)")
 
-    def _chunk_rows(self, chunk_size, memory_budget, hidden_nbytes):
+    def _chunk_rows(self, chunk_size, memory_budget, hidden, weight):
         row_bytes = self.V * self.ct.itemsize
         if chunk_size is not None and memory_budget is not None:
             raise ValueError("give chunk_size or memory_budget, not both")
@@ -154,7 +163,7 @@ class _Head:
                 raise ValueError(f"memory_budget: {budget} bytes is less than one row of "
                                  f"logits ({self.V} x {self.ct.itemsize} bytes)")
         else:
-            rows = max(hidden_nbytes // row_bytes, MIN_CHUNK_ROWS)
+            return default_chunk_rows(hidden, weight)
         return min(rows, self.N)
 
     def kernel(self, z, sl, **outputs):

@@ -53,23 +53,26 @@ from .timing import best_time, event_times
 
 __all__ = ["GPU_MODULES", "PEERS", "Device", "Problem", "Skip", "add_arguments",
            "best_time", "choices", "dtypes_from_names", "event_times", "import_peer",
-           "load_peers", "machine_info", "main", "op_families", "positive_int", "rel_error", "run",
+           "load_peers", "machine_info", "main", "parser", "op_families", "positive_int", "rel_error", "run",
            "select_ops", "sizes", "tolerance", "torch_kl", "torch_token_stats", "torch_view",
            "write_json"]
 
 
-def main(argv=None, *, extra_impls=None, prog="python -m lmxent bench", defaults=None,
-         report_name="bench", description=None):
+def main(argv=None, *, extra_impls=None):
     """Parse argv and run (extra_impls: {op name: {row name: factory}}, more
-    implementations to check and time, such as a deliberately wrong one in tests).
-    The bench scripts set their own prog, argument defaults, report name and
-    description."""
+    implementations to check and time, such as a deliberately wrong one in tests)."""
+    ap = parser()
+    return run(ap.parse_args(argv), ap, extra_impls)
+
+
+def parser(prog="python -m lmxent bench", description=None, **defaults):
+    """The benchmark's argument parser; the bench scripts give their own prog,
+    description and defaults."""
     ap = argparse.ArgumentParser(prog=prog, description=description or __doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap)
-    if defaults:
-        ap.set_defaults(**defaults)
-    return run(ap.parse_args(argv), ap, extra_impls, report_name)
+    ap.set_defaults(**defaults)
+    return ap
 
 
 def __getattr__(name):
