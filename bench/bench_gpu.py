@@ -48,9 +48,20 @@ import traceback
 import numpy as np
 
 import lmxent as lx
-from lmxent.bench import (GPU_MODULES, Skip, choices, event_times, import_peer, machine_info,
-                          positive_int, sizes, torch_kl, torch_token_stats, torch_view,
-                          write_json)
+from lmxent.bench import (
+    GPU_MODULES,
+    Skip,
+    choices,
+    event_times,
+    import_peer,
+    machine_info,
+    positive_int,
+    sizes,
+    torch_kl,
+    torch_token_stats,
+    torch_view,
+    write_json,
+)
 
 TOKENS = 16384
 VOCABS = (32000, 128256, 262144)
@@ -468,6 +479,10 @@ class Bench:
 
     # ---- the LM head
     def lm_head(self):
+        self.lm_head_cases()
+        self.free()  # its inputs and reference are gone: their memory goes back
+
+    def lm_head_cases(self):
         cp, torch, F = self.cp, self.torch, self.F
         N, D, V = self.args.head
         dtname = self.args.head_dtype[0]
@@ -577,8 +592,6 @@ class Bench:
             self.report(row)
             self.save()
             self.free()
-        del h, w, t, ht, wt, tt, w32, cache
-        self.free()
 
     # ---- output
     def report(self, r):
@@ -775,14 +788,14 @@ def run(args, cp, torch):
     try:
         if logits_ops:
             for dt, V in points:
-                guarded(b, f"{dt} V={V}", lambda: b.logits_point(dt, V, False, logits_ops))
+                guarded(b, f"{dt} V={V}", b.logits_point, dt, V, False, logits_ops)
         if "lm_head" in args.ops:
             guarded(b, "lm_head", b.lm_head)
         if "torch.compile" in b.peers:  # the fused loss first: the issue's target
             for op in logits_ops:
                 for dt, V in points:
-                    guarded(b, f"{op} {dt} V={V} torch.compile",
-                            lambda: b.logits_point(dt, V, True, [op]))
+                    guarded(b, f"{op} {dt} V={V} torch.compile", b.logits_point, dt, V, True,
+                            [op])
     finally:
         b.save()
         b.summary()
@@ -797,14 +810,14 @@ def run(args, cp, torch):
     return 1 if wrong else 0
 
 
-def guarded(b, label, fn):
-    """Run a block of cases; an exception outside the per-implementation guards
+def guarded(b, label, fn, *args):
+    """Run a block of cases, fn(*args); an exception outside the per-implementation guards
     (making the data, out of memory) is recorded and the run goes on."""
     if b.left() <= 0:
         b.rows.append(dict(op=label, V=0, impl="-", status="skipped", detail="time budget"))
         return
     try:
-        fn()
+        fn(*args)
     except Skip as e:
         b.rows.append(dict(op=label, V=0, impl="-", status="skipped", detail=str(e)))
     except Exception as e:

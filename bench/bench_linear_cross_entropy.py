@@ -38,6 +38,7 @@ import os
 import platform
 import sys
 import time
+from functools import partial
 
 import numpy as np
 
@@ -209,7 +210,7 @@ def bench_shape(N, D, V, dtype, repeats, chunk_rows, sweep, skip):
             if r < repeats - 1 or name == "3 matmuls":
                 times[name].append(wall_time(fn))
                 continue
-            s, peak = peak_rss(lambda: wall_time(fn))
+            s, peak = peak_rss(partial(wall_time, fn))
             times[name].append(s)  # (wall, cpu)
             rows[name].update(peak_bytes=peak,
                               working_bytes=None if peak is None else peak - out_bytes)

@@ -8,9 +8,7 @@ import pytest
 import lmxent as lx
 from lmxent import reference as R
 
-from helpers import (DTYPE_IDS, DTYPES, F64, assert_grad_close, assert_nan_inf_equal,
-                     dtype_id, loss_dtype, lowp)
-
+from helpers import DTYPE_IDS, DTYPES, F64, assert_grad_close, assert_nan_inf_equal, loss_dtype, lowp
 
 # ---------------------------------------------------------------- odd columns
 # The kept-exps scratch holds cols + 2048 values of the compute type, then the

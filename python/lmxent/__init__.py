@@ -7,10 +7,14 @@ checked against."""
 # Each module lists its public names in its own __all__; this package exports them
 # all (adding an op touches its module, not this file). The `from . import x as _x`
 # lines keep the modules at hand: the star imports rebind names such as `softmax`.
-from . import _arrays, _settings, evaluation as _evaluation, kl_divergence as _kl_divergence
-from . import cross_entropy as _cross_entropy, linear_cross_entropy as _linear_cross_entropy
-from . import softmax as _softmax, token_stats as _token_stats
-from . import plot, reference  # plot imports matplotlib only when a plot is drawn
+# (plot imports matplotlib only when a plot is drawn.)
+from . import _arrays, _settings, plot, reference
+from . import cross_entropy as _cross_entropy
+from . import evaluation as _evaluation
+from . import kl_divergence as _kl_divergence
+from . import linear_cross_entropy as _linear_cross_entropy
+from . import softmax as _softmax
+from . import token_stats as _token_stats
 from ._arrays import *  # noqa: F403
 from ._settings import *  # noqa: F403
 from .cross_entropy import *  # noqa: F403

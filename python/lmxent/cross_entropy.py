@@ -12,8 +12,6 @@ counted there and the loss is a 0-d CuPy array. Their other array arguments may
 be CuPy or host arrays (copied to the device). Their class ids and class
 weights are checked on the device with one host round trip per call, unless
 validation is deferred (lmxent._arrays.set_cuda_validation)."""
-import numpy as np
-
 from . import _arrays as A
 from ._options import Checks, Options, checked_ids, checked_weight, grad_factor, reduce_loss
 

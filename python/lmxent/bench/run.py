@@ -1,13 +1,14 @@
 """Running the benchmark's ops on one point: which ops and implementations run,
 each implementation's check against the float64 reference (before it is timed),
 its time, throughput and speedup."""
+from functools import partial
+
 import numpy as np
 
-from .._cli import EPS, rel_error, to_host
 from .. import _registry
+from .._cli import EPS, rel_error, to_host
 from .problem import Problem, Skip, dtype_name, flatten
 from .timing import best_time, copy_time
-
 
 
 def op_families():
