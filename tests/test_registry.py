@@ -29,6 +29,13 @@ def test_exemptions_are_public_names():
     assert set(EXEMPT) <= set(lx.__all__)
 
 
+def test_all_lists_every_public_function_of_the_package():
+    """lmxent.__all__ is built from the modules' own lists: none is left out."""
+    public = {name for name, v in vars(lx).items() if not name.startswith("_") and callable(v)
+              and getattr(v, "__module__", "").startswith("lmxent")}
+    assert public == set(lx.__all__) - {"reference", "plot"}
+
+
 @pytest.mark.parametrize("name", OPS)
 def test_every_public_function_has_a_row(name):
     assert name in ROWS, f"lmxent.{name} has no row in lmxent._registry.REGISTRY"

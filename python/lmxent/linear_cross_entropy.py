@@ -55,10 +55,10 @@ MIN_CHUNK_ROWS = 384
 # and no faster with larger blocks.
 _BLOCK_ELEMS = 1 << 19
 
-# Above this logit_scale (float32 compute), the kernel's gradient of the unscaled
-# logits, scale * dloss/dz, could overflow float32 and the products' sums turn
-# inf - inf into NaN: the kernel then writes dloss/dz and the scale multiplies the
-# products' results instead (see _times). Below it the results are unchanged.
+# The gradient with respect to the logits h @ W.T is logit_scale * dloss/dz (z the
+# scaled logits). Above this scale (float32 compute) it could overflow float32 and
+# the products' sums turn inf - inf into NaN: the kernel then writes dloss/dz and the
+# scale multiplies the products' results instead (see _times). Below it nothing changes.
 _SCALE_AFTER = 2.0**64
 
 

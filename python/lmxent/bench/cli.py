@@ -91,7 +91,7 @@ def add_arguments(ap):
     ap.add_argument("--compile", action="store_true",
                     help="include torch.compile on the CPU (always included on the GPU)")
     ap.add_argument("--out", default="lmxent-bench", metavar="DIR",
-                    help="where bench.json and bench.png go (default ./lmxent-bench)")
+                    help="where the report goes, as JSON and PNG (default %(default)s)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
