@@ -38,7 +38,6 @@ Writes bench_gpu.json (every row, the machine, the versions) and bench_gpu.png
 (GB/s against V, a panel per op; the LM head's times and memory) into --out.
 """
 import argparse
-import importlib
 import importlib.util
 import math
 import os
@@ -49,7 +48,20 @@ import traceback
 import numpy as np
 
 import lmxent as lx
-from lmxent._cli import machine_info, positive_int, write_json
+from lmxent.bench import (
+    GPU_MODULES,
+    Skip,
+    choices,
+    event_times,
+    import_peer,
+    machine_info,
+    positive_int,
+    sizes,
+    torch_kl,
+    torch_token_stats,
+    torch_view,
+    write_json,
+)
 
 TOKENS = 16384
 VOCABS = (32000, 128256, 262144)
@@ -63,48 +75,12 @@ REF_ROWS = 1024                      # rows per chunk of the float32 reference
 SUMMARY_MARK = "==== bench_gpu summary ===="
 
 
-class Skip(Exception):
-    """A case or peer that cannot run here; the message says why."""
-
-
 def _seed(parts):
     """An integer seed from a list of integers (every point draws its own data)."""
     return int(np.random.SeedSequence(parts).generate_state(1)[0])
 
 
 # ------------------------------------------------------------------ arguments
-
-def _csv(valid, what):
-    def parse(text):
-        names = [n for n in text.split(",") if n]
-        bad = [n for n in names if n not in valid]
-        if bad or not names:
-            raise argparse.ArgumentTypeError(f"unknown {what} {(bad or [text])[0]!r} "
-                                             f"(choose from {', '.join(valid)})")
-        return tuple(names)
-    return parse
-
-
-def _vocab(text):
-    try:
-        vs = tuple(int(v) for v in text.split(","))
-        if vs and min(vs) > 0:
-            return vs
-    except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(f"expected V[,V...] positive integers, got {text!r}")
-
-
-def _head(text):
-    try:
-        n = tuple(int(v) for v in text.lower().split("x"))
-        if len(n) == 3 and min(n) > 0:
-            return n
-    except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(f"expected NxDxV (tokens x hidden x vocabulary), "
-                                     f"got {text!r}")
-
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="bench_gpu.py", description=__doc__,
@@ -117,18 +93,18 @@ def parse_args(argv=None):
                          f"{'x'.join(map(str, QUICK['head']))}, bfloat16, 3 repeats")
     ap.add_argument("--dry-run", action="store_true",
                     help="print the plan and which peers are installed; touch no GPU")
-    ap.add_argument("--dtypes", type=_csv(DTYPES, "dtype"), metavar="DT,...",
+    ap.add_argument("--dtypes", type=choices(DTYPES, "dtype"), metavar="DT,...",
                     help="bfloat16, float32 (default both; --quick: bfloat16)")
-    ap.add_argument("--vocab", type=_vocab, metavar="V,...",
+    ap.add_argument("--vocab", type=sizes("V[,V...]", "vocabulary sizes"), metavar="V,...",
                     help=f"vocabulary sizes (default {','.join(map(str, VOCABS))})")
     ap.add_argument("--tokens", type=positive_int, help=f"rows (default {TOKENS})")
-    ap.add_argument("--head", type=_head, metavar="NxDxV",
+    ap.add_argument("--head", type=sizes("NxDxV", "tokens x hidden x vocabulary"), metavar="NxDxV",
                     help=f"LM head size (default {'x'.join(map(str, HEAD))}, bfloat16)")
-    ap.add_argument("--head-dtype", type=_csv(DTYPES, "dtype"), default=("bfloat16",),
+    ap.add_argument("--head-dtype", type=choices(DTYPES, "dtype"), default=["bfloat16"],
                     metavar="DT", help="the LM head's dtype (default bfloat16)")
-    ap.add_argument("--ops", type=_csv(OPS, "op"), metavar="OP,...",
+    ap.add_argument("--ops", type=choices(OPS, "op"), metavar="OP,...",
                     help="cases to run: " + ", ".join(OPS) + " (default all)")
-    ap.add_argument("--peers", type=_csv(PEERS, "peer"), metavar="PEER,...",
+    ap.add_argument("--peers", type=choices(PEERS, "peer"), metavar="PEER,...",
                     help="peers to try: " + ", ".join(PEERS) + " (default all)")
     ap.add_argument("--repeats", type=positive_int, help="timed calls per case (default 5)")
     ap.add_argument("--budget", type=float, default=200.0, metavar="SECONDS",
@@ -149,15 +125,6 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------------- peers
 
-def _import(name):
-    try:
-        return importlib.import_module(name)
-    except ImportError as e:
-        raise Skip(f"not installed ({e})") from None
-    except Exception as e:  # a broken install (missing CUDA library, version clash)
-        raise Skip(f"fails to import: {type(e).__name__}: {str(e)[:200]}") from None
-
-
 def load_peers(names, torch):
     """({name: handle}, {name: why skipped}) for the requested peers."""
     peers, skipped = {}, {}
@@ -175,12 +142,8 @@ def load_peers(names, torch):
                 if not hasattr(torch.nn.functional, "linear_cross_entropy"):
                     raise Skip(f"torch {torch.__version__} has no F.linear_cross_entropy")
                 peers[name] = torch
-            elif name == "liger":
-                peers[name] = _import("liger_kernel.transformers")
-            elif name == "cce":
-                peers[name] = _import("cut_cross_entropy")
-            elif name == "quack":
-                peers[name] = _import("quack")
+            else:  # liger, cce, quack
+                peers[name] = import_peer(*GPU_MODULES[name])
         except Skip as e:
             skipped[name] = str(e)
     return peers, skipped
@@ -217,14 +180,8 @@ class Bench:
         return np.dtype(name)
 
     def tensor(self, a):
-        """A torch view of a CuPy array (DLPack, no copy), detached: its own leaf.
-        bfloat16 goes through its bits if this CuPy cannot export it."""
-        try:
-            return self.torch.from_dlpack(a).detach()
-        except Exception:
-            if a.dtype != self.bf16:
-                raise
-            return self.torch.from_dlpack(a.view(np.uint16)).view(self.torch.bfloat16)
+        """A torch view of a CuPy array (no copy), detached: its own leaf."""
+        return torch_view(self.torch, a).detach()
 
     def free(self):
         self.cp.cuda.Device().synchronize()
@@ -234,17 +191,8 @@ class Bench:
 
     def timed(self, fn):
         """(median, min) seconds of args.repeats calls, CUDA events on stream 0."""
-        cp = self.cp
         self.torch.cuda.synchronize()
-        cp.cuda.Device().synchronize()
-        events = [(cp.cuda.Event(), cp.cuda.Event()) for _ in range(self.args.repeats)]
-        for a, b in events:
-            a.record(self.null)
-            fn()
-            b.record(self.null)
-        events[-1][1].synchronize()
-        ms = sorted(cp.cuda.get_elapsed_time(a, b) for a, b in events)
-        return ms[len(ms) // 2] / 1e3, ms[0] / 1e3
+        return event_times(self.cp, fn, self.args.repeats, self.null)
 
     def normal(self, shape, dtype, scale, seed):
         """Random data made on the device, float32 cast to dtype, 2^26 elements at a
@@ -492,16 +440,14 @@ class Bench:
             impls["lmxent"] = lambda: lambda: (lx.log_softmax(x),)
             torch_impl = (plain, lambda a: (torch.log_softmax(a, -1),), (xt,))
         elif op == "token_stats":
-            from lmxent.bench import _torch_token_stats  # python -m lmxent bench's torch peer
             names = ("logprob", "lse", "entropy", "correct", "top_prob", "rank")
             moved = nb
 
             def reference(sl):
-                return _torch_token_stats(torch, f32(sl), tt[sl])
+                return torch_token_stats(torch, f32(sl), tt[sl])
             impls["lmxent"] = lambda: lambda: tuple(lx.token_stats(x, t))
-            torch_impl = (plain, lambda a, b: _torch_token_stats(torch, a, b), (xt, tt))
+            torch_impl = (plain, lambda a, b: torch_token_stats(torch, a, b), (xt, tt))
         else:  # kl_divergence, forward direction: KL(teacher || student), batchmean
-            from lmxent.bench import _torch_kl
             names, moved = ("loss", "grad"), 3 * nb
 
             def reference(sl):
@@ -510,7 +456,7 @@ class Bench:
             impls["lmxent"] = lambda: lambda: lx.kl_divergence(x, q, return_grad=True)
             impls["lmxent inplace"] = lmx_inplace(
                 lambda buf: lx.kl_divergence(buf, q, return_grad=True, inplace=True))
-            torch_impl = (grad_of, lambda a, b: _torch_kl(torch, a, b), (xt, qt))
+            torch_impl = (grad_of, lambda a, b: torch_kl(torch, a, b), (xt, qt))
             if "liger" in peers:
                 kl = peers["liger"].LigerKLDIVLoss(reduction="batchmean", log_target=True)
                 impls["liger"] = grad_of(
@@ -533,6 +479,10 @@ class Bench:
 
     # ---- the LM head
     def lm_head(self):
+        self.lm_head_cases()
+        self.free()  # its inputs and reference are gone: their memory goes back
+
+    def lm_head_cases(self):
         cp, torch, F = self.cp, self.torch, self.F
         N, D, V = self.args.head
         dtname = self.args.head_dtype[0]
@@ -642,8 +592,6 @@ class Bench:
             self.report(row)
             self.save()
             self.free()
-        del h, w, t, ht, wt, tt, w32, cache
-        self.free()
 
     # ---- output
     def report(self, r):
@@ -840,14 +788,14 @@ def run(args, cp, torch):
     try:
         if logits_ops:
             for dt, V in points:
-                guarded(b, f"{dt} V={V}", lambda: b.logits_point(dt, V, False, logits_ops))
+                guarded(b, f"{dt} V={V}", b.logits_point, dt, V, False, logits_ops)
         if "lm_head" in args.ops:
             guarded(b, "lm_head", b.lm_head)
         if "torch.compile" in b.peers:  # the fused loss first: the issue's target
             for op in logits_ops:
                 for dt, V in points:
-                    guarded(b, f"{op} {dt} V={V} torch.compile",
-                            lambda: b.logits_point(dt, V, True, [op]))
+                    guarded(b, f"{op} {dt} V={V} torch.compile", b.logits_point, dt, V, True,
+                            [op])
     finally:
         b.save()
         b.summary()
@@ -862,14 +810,14 @@ def run(args, cp, torch):
     return 1 if wrong else 0
 
 
-def guarded(b, label, fn):
-    """Run a block of cases; an exception outside the per-implementation guards
+def guarded(b, label, fn, *args):
+    """Run a block of cases, fn(*args); an exception outside the per-implementation guards
     (making the data, out of memory) is recorded and the run goes on."""
     if b.left() <= 0:
         b.rows.append(dict(op=label, V=0, impl="-", status="skipped", detail="time budget"))
         return
     try:
-        fn()
+        fn(*args)
     except Skip as e:
         b.rows.append(dict(op=label, V=0, impl="-", status="skipped", detail=str(e)))
     except Exception as e:

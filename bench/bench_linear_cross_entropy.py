@@ -38,13 +38,14 @@ import os
 import platform
 import sys
 import time
+from functools import partial
 
 import numpy as np
 
 import lmxent as lx
 from lmxent import reference as R
-from lmxent.linear_cross_entropy import MIN_CHUNK_ROWS, _Head
-from bench_cross_entropy import finish, parse_dtypes
+from lmxent.bench import dtypes_from_names, write_json
+from lmxent.linear_cross_entropy import MIN_CHUNK_ROWS, default_chunk_rows
 
 try:
     import torch
@@ -172,7 +173,7 @@ def bench_shape(N, D, V, dtype, repeats, chunk_rows, sweep, skip):
     k, vocab_rows = min(N, 32), np.unique(np.concatenate([t[:8], rng.integers(0, V, 24)]))
     low = dtype != np.float32
     want = reference_parts(h, W, t, k, vocab_rows)
-    lmx_rows = chunk_rows or _Head(h, W, t).rows
+    lmx_rows = chunk_rows or default_chunk_rows(h, W)
     out_bytes = h.nbytes + W.nbytes
 
     impls = {"lmxent": lambda: lx.linear_cross_entropy(h, W, t, chunk_size=chunk_rows)}
@@ -209,7 +210,7 @@ def bench_shape(N, D, V, dtype, repeats, chunk_rows, sweep, skip):
             if r < repeats - 1 or name == "3 matmuls":
                 times[name].append(wall_time(fn))
                 continue
-            s, peak = peak_rss(lambda: wall_time(fn))
+            s, peak = peak_rss(partial(wall_time, fn))
             times[name].append(s)  # (wall, cpu)
             rows[name].update(peak_bytes=peak,
                               working_bytes=None if peak is None else peak - out_bytes)
@@ -288,7 +289,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.quick:
         args.tokens, args.hidden, args.vocab, args.dtypes = 1024, 256, "32000", "float32"
-    dtypes = parse_dtypes(args.dtypes)
+    dtypes, skipped = dtypes_from_names(args.dtypes.split(","))
+    for name, why in skipped.items():
+        print(f"{name} skipped: {why}")
     if args.threads is not None:
         lx.set_num_threads(args.threads)
     threads = lx.cpu_info()["threads"]
@@ -314,7 +317,10 @@ def main(argv=None):
             print_shape(res)
             results.append(res)
     info["load_average_after"] = os.getloadavg()
-    return finish(args.json, info, results)
+    path = write_json(dict(info=info, results=results), os.path.dirname(os.path.abspath(args.json)),
+                      os.path.basename(args.json))
+    print(f"\nwrote {path}")
+    return 1 if any(r["status"] == "WRONG" for res in results for r in res["results"]) else 0
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import numpy as np
 
 import lmxent as lx
 from lmxent import reference as R
-from lmxent._cli import rel_error
+from lmxent.bench import rel_error
 
 TOL = {"float32": 1e-4, "bfloat16": 2e-2}   # loose: bitwise equality is the point
 

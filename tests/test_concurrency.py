@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import lmxent as lx
-from conftest import num_threads
+from helpers import num_threads
 
 TIMEOUT = 90  # seconds, for a subprocess, a thread; each test takes a few
 

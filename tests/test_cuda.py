@@ -28,9 +28,9 @@ from lmxent import _arrays as A
 from lmxent import _cpu
 from lmxent import reference as ref
 
-from conftest import (BF16, EXTREME_ROWS, F16, F32, F64, PLUS_INF_ROWS, assert_grad_close,
-                      assert_loss_close, assert_matches_reference, dtype_id, extreme_rows,
-                      grad_scale, loss_dtype)
+from helpers import (BF16, EXTREME_ROWS, F16, F32, F64, PLUS_INF_ROWS, assert_grad_close,
+                     assert_loss_close, assert_matches_reference, dtype_id, extreme_rows,
+                     grad_scale, loss_dtype)
 from test_cross_entropy import (OPTION_CASES, build_case, grad_output_for, make_ids, make_logits,
                                 make_probs)
 from test_linear_cross_entropy import grad_output_for as head_grad_output

@@ -8,9 +8,7 @@ import pytest
 import lmxent as lx
 from lmxent import reference as R
 
-from conftest import (DTYPE_IDS, DTYPES, F64, assert_grad_close, assert_nan_inf_equal,
-                      dtype_id, loss_dtype, lowp)
-
+from helpers import DTYPE_IDS, DTYPES, F64, assert_grad_close, assert_nan_inf_equal, loss_dtype, lowp
 
 # ---------------------------------------------------------------- odd columns
 # The kept-exps scratch holds cols + 2048 values of the compute type, then the
@@ -228,3 +226,31 @@ def test_undefined_options_refused(bad):
         lx.cross_entropy(x, t, logit_scale=bad)
     with pytest.raises(ValueError, match="softcap"):
         lx.cross_entropy(x, t, softcap=bad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("scale", [1e300, 1e40, 2.0**70, 1e10, 1e-300])
+def test_lm_head_any_scale(rng, dtype, scale):
+    """The LM head with a logit_scale far beyond float32's range: the gradient of the
+    scaled logits overflowed float32 and the products turned inf - inf into NaN.
+    d_hidden, d_weight, d_bias (and the loss, the log-probabilities) are the float64
+    reference rounded to their dtype: no NaN, +-inf only where it overflows, exact
+    zeros where a row's one-hot softmax already hits its target."""
+    h, h64 = lowp(rng.standard_normal((7, 3)), dtype)
+    w, w64 = lowp(rng.standard_normal((5, 3)), dtype)
+    b, b64 = lowp(rng.standard_normal(5), dtype)
+    t = np.array([0, 1, 2, 3, 4, -100, 2])
+    go = rng.standard_normal(7)
+    for kw in (dict(), dict(reduction="none", grad_output=go)):
+        loss, grads = lx.linear_cross_entropy(h, w, t, bias=b, logit_scale=scale, chunk_size=3,
+                                              **kw)
+        with np.errstate(over="ignore", invalid="ignore"):
+            rl, rg = R.linear_cross_entropy(h64, w64, t, bias=b64, logit_scale=scale, **kw)
+        assert_edge_close(loss, rl, loss_dtype(dtype), f"loss {kw}")
+        for name, g, r in zip(("d_hidden", "d_weight", "d_bias"), grads, rg):
+            assert not np.isnan(g.astype(np.float64)).any(), (name, kw)
+            assert_edge_close(g, r, dtype, f"{name} {kw}")
+    lp, lse = lx.linear_target_logprobs(h, w, t, bias=b, logit_scale=scale, chunk_size=3)
+    rlp, rlse = R.linear_target_logprobs(h64, w64, t, bias=b64, logit_scale=scale)
+    assert_edge_close(lp, rlp, loss_dtype(dtype), "logprob")
+    assert_edge_close(lse, rlse, loss_dtype(dtype), "lse")

@@ -13,7 +13,7 @@ import lmxent as lx
 from lmxent import _cpu
 from lmxent import reference as ref
 
-from conftest import BF16
+from helpers import BF16
 
 SOFTMAX_FNS = ["logsumexp", "log_softmax", "softmax"]
 OUT_FNS = ["log_softmax", "softmax"]

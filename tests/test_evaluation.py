@@ -14,7 +14,7 @@ import pytest
 import lmxent as lx
 from lmxent import reference as ref
 
-from conftest import DTYPE_IDS, DTYPES, assert_loss_close, lowp, torch
+from helpers import DTYPE_IDS, DTYPES, assert_loss_close, lowp, torch
 
 pytestmark = pytest.mark.filterwarnings("error")
 

@@ -13,8 +13,8 @@ import lmxent as lx
 from lmxent import reference as ref
 from lmxent.linear_cross_entropy import MIN_CHUNK_ROWS, _Head
 
-from conftest import (BF16, F16, F32, F64, assert_grad_close, assert_loss_close, dtype_id,
-                      grad_scale, lowp, torch, torch_ce_with_grad)
+from helpers import (BF16, F16, F32, F64, assert_grad_close, assert_loss_close, dtype_id,
+                     grad_scale, lowp, torch, torch_ce_with_grad)
 
 DTYPES = [F32, F64] + ([BF16] if BF16 is not None else [])
 DTYPE_IDS = [dtype_id(d) for d in DTYPES]
@@ -68,7 +68,7 @@ def grad_output_for(rng, reduction, lead):
 def head_bounds(h64, w64, t, g64, loss_lse, grad_output, opts):
     """Elementwise error scales of d_hidden, d_weight and d_bias: the products of the
     absolute values that make them, with each logit gradient counted at least at its
-    float32 error scale (conftest.grad_scale), as rounding errors in g propagate."""
+    float32 error scale (helpers.grad_scale), as rounding errors in g propagate."""
     V_, D_ = w64.shape
     ce = {("weight" if k == "class_weight" else k): v for k, v in opts.items()}
     s = grad_scale(g64.shape, t, loss_lse, grad_output, **ce)
@@ -123,7 +123,7 @@ def check_head(h, w, b, t, f64, *, grad_output=1.0, torch_check=True, **opts):
 
 def torch_head(h64, w64, b64, t, *, grad_output=1.0, **ce):
     """Torch float64 autograd: logits = hidden @ weight.T + bias, the cross-entropy
-    (with every lmxent option) from conftest.torch_ce_with_grad, and the chain rule
+    (with every lmxent option) from helpers.torch_ce_with_grad, and the chain rule
     through the logits by torch's own backward."""
     ht = torch.tensor(h64, requires_grad=True)
     wt = torch.tensor(w64, requires_grad=True)

@@ -18,7 +18,7 @@ import lmxent as lx
 from lmxent import _arrays as A
 from lmxent import reference as R
 
-from conftest import DTYPE_IDS, DTYPES, assert_grad_close, assert_matches_reference
+from helpers import DTYPE_IDS, DTYPES, assert_grad_close, assert_matches_reference
 
 N, V = 80, 32000  # 5.1 MB in float16: above the pool's 4 MiB floor for every dtype
 assert N * V * 2 >= A.POOL_MIN_BYTES

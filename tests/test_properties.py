@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 import _hypothesis_profiles  # noqa: F401 -- registers and loads the profile
 import lmxent as lx
 from lmxent import reference as R
-from conftest import (BF16, DTYPES, F16, F64, ISAS, assert_grad_close, assert_loss_close,
-                      assert_matches_reference, cpu_isa, dtype_id, grad_scale, loss_dtype,
-                      num_threads)
+from helpers import (BF16, DTYPES, F16, F64, ISAS, assert_grad_close, assert_loss_close,
+                     assert_matches_reference, cpu_isa, dtype_id, grad_scale, loss_dtype,
+                     num_threads)
 
 LAYOUTS = ["contiguous", "strided", "negative", "broadcast", "unaligned", "bigendian"]
 SOFTMAX_FNS = ["logsumexp", "log_softmax", "softmax"]

@@ -18,14 +18,12 @@ import numpy as np
 
 import lmxent as lx
 from lmxent import bench, demo
-from lmxent import reference as R
-from lmxent._cli import EPS, rel_error
+from lmxent._cli import rel_error
+from lmxent._registry import REGISTRY
 
 # the last is large enough (4 MiB in float32) that outputs come from the output cache,
 # in blocks that earlier ops' outputs filled and released
 SHAPES = [(1, 1), (3, 7), (33, 1000), (4, 50257), (2, 70001), (64, 16411)]
-OPTIONS = dict(label_smoothing=0.1, z_loss=1e-4, softcap=30.0, logit_scale=0.5,
-               ignore_index=0)
 
 
 def dtypes():
@@ -34,94 +32,14 @@ def dtypes():
 
 
 def _ops():
-    """name -> f(x, t, w, rng) returning [(got, want, output dtype name), ...]."""
-    def ce_opts(x, w, full):
-        return dict(OPTIONS, weight=w) if full else {}
-
-    def ce(full):
-        def run(x, t, w, rng):
-            o, x64 = ce_opts(x, w, full), x.astype(np.float64)
-            got = lx.cross_entropy(x, t, reduction="none", **o)
-            return [(got, R.cross_entropy(x64, t, reduction="none", **o), got.dtype.name)]
-        return run
-
-    def ce_grad(full):
-        def run(x, t, w, rng):
-            o, x64 = ce_opts(x, w, full), x.astype(np.float64)
-            loss, g = lx.cross_entropy_with_grad(x, t, **o)
-            rl, rg = R.cross_entropy_with_grad(x64, t, **o)
-            return [(loss, rl, loss.dtype.name), (g, rg, x.dtype.name)]
-        return run
-
-    def backward(x, t, w, rng):
-        x64 = x.astype(np.float64)
-        _, lse = lx.cross_entropy(x, t, reduction="none", return_lse=True)
-        go = rng.normal(size=t.shape)
-        got = lx.cross_entropy_backward(x, t, lse, go, reduction="none")
-        want = R.cross_entropy_backward(x64, t, lse.astype(np.float64), go, reduction="none")
-        return [(got, want, x.dtype.name)]
-
-    def prob_targets(x, t, w, rng):
-        q = rng.dirichlet(np.ones(x.shape[-1]), size=x.shape[0]).astype(x.dtype)
-        x64, q64 = x.astype(np.float64), q.astype(np.float64)
-        loss, g = lx.cross_entropy_with_grad(x, q, label_smoothing=0.1)
-        rl, rg = R.cross_entropy_with_grad(x64, q64, label_smoothing=0.1)
-        return [(loss, rl, loss.dtype.name), (g, rg, x.dtype.name)]
-
-    def family(name):
-        def run(x, t, w, rng):
-            got = getattr(lx, name)(x, temperature=0.7)
-            return [(got, getattr(R, name)(x.astype(np.float64), temperature=0.7), got.dtype.name)]
-        return run
-
-    def token_stats(x, t, w, rng):
-        got = lx.token_stats(x, t, temperature=0.7)
-        want = R.token_stats(x.astype(np.float64), t, temperature=0.7)
-        return [(g, r, g.dtype.name if g.dtype.kind == "f" else "float64")
-                for g, r in zip(got, want)]  # integer fields must match exactly
-
-    def kl(direction):
-        def run(x, t, w, rng):
-            y = rng.normal(scale=3.0, size=x.shape).astype(x.dtype)
-            loss, g = lx.kl_divergence(x, y, direction=direction, return_grad=True,
-                                       reduction="sum")
-            rl, rg = R.kl_divergence(x.astype(np.float64), y.astype(np.float64),
-                                     direction=direction, return_grad=True, reduction="sum")
-            return [(loss, rl, loss.dtype.name), (g, rg, x.dtype.name)]
-        return run
-
-    def lm_head(x, t, w, rng):
-        if x.shape[-1] > 5000 or x.dtype == np.float16:  # a (V, D) weight; NumPy has no f16 BLAS
-            return []
-        h = rng.normal(size=(x.shape[0], 16)).astype(x.dtype)
-        W = (rng.normal(size=(x.shape[-1], 16)) / 4).astype(x.dtype)
-        loss, grads = lx.linear_cross_entropy(h, W, t, chunk_size=2)
-        rl, rg = R.linear_cross_entropy(h.astype(np.float64), W.astype(np.float64), t)
-        return [(loss, rl, loss.dtype.name), (grads[0], rg[0], x.dtype.name),
-                (grads[1], rg[1], x.dtype.name)]
-
-    return {
-        "logsumexp": family("logsumexp"),
-        "log_softmax": family("log_softmax"),
-        "softmax": family("softmax"),
-        "cross_entropy": ce(False),
-        "cross_entropy (all options)": ce(True),
-        "cross_entropy_with_grad": ce_grad(False),
-        "cross_entropy_with_grad (all options)": ce_grad(True),
-        "cross_entropy_with_grad (probabilities)": prob_targets,
-        "cross_entropy_backward": backward,
-        "token_stats": token_stats,
-        "kl_divergence (forward, with grad)": kl("forward"),
-        "kl_divergence (reverse, with grad)": kl("reverse"),
-        "kl_divergence (js, with grad)": kl("js"),
-        "linear_cross_entropy (LM head)": lm_head,
-    }
+    """The self-check's rows, from the op registry: label -> registry.Check."""
+    return {label: c for row in REGISTRY for label, c in row.checks.items()}
 
 
 def check(verbose=True):
     rng = np.random.default_rng(2026)
     failed = 0
-    for name, run in _ops().items():
+    for name, c in _ops().items():
         worst, worst_ratio = 0.0, 0.0
         for shape in SHAPES:
             N, V = shape
@@ -130,17 +48,10 @@ def check(verbose=True):
             w = rng.uniform(0.5, 2.0, V)
             for dt in dtypes():
                 x = base.astype(dt)
-                for got, want, out_name in run(x, t, w, rng):
+                for got, want, out_name in c.run(x, t, w, rng):
                     err = rel_error(got, want)
-                    # float32 math with a float32 (or 16-bit) result: a few ulps. A
-                    # Jensen-Shannon gradient entry is p_j (c_j - sum_k p_k c_k) with
-                    # c = log(p / m) / 2: the two terms, up to ln(2) / 2 each, nearly cancel
-                    # where p_j is large and q_j is not small, so its error is ulps of them
-                    # (and of the 16k-term sum), not of the result
-                    ulps = 256 if "js" in name else 16
-                    tol = ulps * EPS["float64" if dt == np.float64 else "float32"] + 2 * EPS[out_name]
                     worst = max(worst, err)
-                    worst_ratio = max(worst_ratio, err / tol)
+                    worst_ratio = max(worst_ratio, err / c.tolerance(dt, out_name))
         ok = worst_ratio <= 1.0
         failed += not ok
         if verbose:

@@ -9,6 +9,9 @@ import numpy as np
 
 from . import _cpu
 
+__all__ = ["bfloat16_dtype", "set_cuda_validation", "check_cuda_errors", "set_output_cache",
+           "output_cache_info"]
+
 _BF16 = None
 
 

@@ -19,10 +19,10 @@ from collections import namedtuple
 import numpy as np
 
 from . import _arrays as A
+from ._options import mean
 from .cross_entropy import cross_entropy
 
-__all__ = ["SequenceScores", "Calibration", "sequence_scores", "answer_mask", "perplexity",
-           "bits_per_byte", "calibration"]
+__all__ = ["sequence_scores", "answer_mask", "perplexity", "bits_per_byte", "calibration"]
 
 SequenceScores = namedtuple("SequenceScores", "logprob_sum n_tokens mean_logprob")
 SequenceScores.__doc__ = """Per-sequence scores, arrays shaped like tokens without the time axis:
@@ -32,7 +32,6 @@ mean_logprob (float64, logprob_sum / n_tokens; 0.0 where n_tokens is 0)."""
 Calibration = namedtuple("Calibration", "ece mce bin_edges counts accuracy confidence")
 Calibration.__doc__ = """ece, mce (0-d float64), bin_edges (n_bins + 1,), counts (n_bins,)
 int64, and per-bin mean accuracy and mean confidence (n_bins,) float64, NaN for empty bins."""
-
 
 
 def _module(*values):
@@ -136,7 +135,7 @@ def sequence_scores(logits, tokens, *, shift=True, mask=None, ignore_index=-100)
     # 0.0 - sum, not -sum: no -0.0 when empty; asarray: NumPy would give a scalar for 0-d
     logprob_sum = xp.asarray(0.0 - nll.sum(axis=-1, dtype=np.float64))
     n_tokens = xp.asarray(keep.sum(axis=-1, dtype=np.int64))
-    return SequenceScores(logprob_sum, n_tokens, xp.asarray(_mean(logprob_sum, n_tokens, xp)))
+    return SequenceScores(logprob_sum, n_tokens, xp.asarray(mean(logprob_sum, n_tokens, xp)))
 
 
 def answer_mask(prompt_lengths, lengths, T):
@@ -165,12 +164,6 @@ def answer_mask(prompt_lengths, lengths, T):
 
 # -------------------------------------------------------- per-token / per-byte
 
-def _mean(total, count, xp):
-    """total / count, 0.0 where count is 0 (no division by zero is evaluated)."""
-    has = count > 0
-    return xp.where(has, total / xp.where(has, count, 1), 0.0)
-
-
 def _per_count(nll_sum, count, count_name):
     """(nll_sum / count as a float64 array, 0.0 where count is 0; whether both
     arguments were numbers rather than arrays)."""
@@ -188,7 +181,7 @@ def _per_count(nll_sum, count, count_name):
     # passed by mistake. NaN passes (NaN in the logits propagates) and so does +inf.
     _first_bad(total < 0, total, "nll_sum",
                "is negative (expected a negative log-likelihood: pass -logprob_sum)")
-    return _mean(total, count, xp), scalar
+    return mean(total, count, xp), scalar
 
 
 def _result(out, scalar):
@@ -248,7 +241,7 @@ def calibration(confidence, correct, *, n_bins=15):
     sum_conf = xp.bincount(idx, weights=conf, minlength=n_bins)
     sum_ok = xp.bincount(idx, weights=ok.astype(np.float64), minlength=n_bins)
     nonempty = counts > 0
-    acc, mean_conf = _mean(sum_ok, counts, xp), _mean(sum_conf, counts, xp)
+    acc, mean_conf = mean(sum_ok, counts, xp), mean(sum_conf, counts, xp)
     # In each bin (count / N) * |acc - conf| = |sum_ok - sum_conf| / N; empty bins add 0.
     ece = xp.abs(sum_ok - sum_conf).sum() / max(conf.size, 1)
     mce = xp.abs(acc - mean_conf).max()  # 0 for empty bins, so they never win

@@ -26,7 +26,9 @@ is taken on the device, so a call never waits for the GPU.
 import numpy as np
 
 from . import _arrays as A
-from .cross_entropy import grad_factor, reduce_loss
+from ._options import grad_factor, reduce_loss
+
+__all__ = ["kl_divergence"]
 
 _DIRECTIONS = {"forward": 0, "reverse": 1, "js": 2}
 _REDUCTIONS = ("none", "sum", "batchmean")

@@ -28,11 +28,14 @@ Written once against the input's array module (numpy or cupy; docs/design.md, pr
 The one host synchronisation is for the "mean" denominator and target validation,
 before the first chunk.
 """
+import math
+
 import numpy as np
 
 from . import _arrays as A
-from .cross_entropy import (Checks, Options, checked_ids, checked_weight, grad_factor,
-                            reduce_loss)
+from ._options import Checks, Options, checked_ids, checked_weight, grad_factor, reduce_loss
+
+__all__ = ["linear_cross_entropy", "linear_target_logprobs"]
 
 # Default chunk: a logits buffer no larger than the hidden states, but at least
 # this many rows. Every chunk's two products with the weight read (and BLAS
@@ -51,6 +54,31 @@ MIN_CHUNK_ROWS = 384
 # added in; measured within 10% of a plain out= product at 256 rows per chunk,
 # and no faster with larger blocks.
 _BLOCK_ELEMS = 1 << 19
+
+# The gradient with respect to the logits h @ W.T is logit_scale * dloss/dz (z the
+# scaled logits). Above this scale (float32 compute) it could overflow float32 and
+# the products' sums turn inf - inf into NaN: the kernel then writes dloss/dz and the
+# scale multiplies the products' results instead (see _times). Below it nothing changes.
+_SCALE_AFTER = 2.0**64
+
+
+def _times(xp, a, scale):
+    """a *= scale in place, for a scale beyond a's dtype's range: the mantissa, then
+    the power of two (exact), so zeros stay zeros and the rest rounds to +-inf
+    where the product overflows, as the float64 reference rounded would."""
+    mantissa, exponent = math.frexp(scale)
+    xp.multiply(a, mantissa, out=a)
+    with np.errstate(over="ignore"):
+        xp.ldexp(a, exponent, out=a)
+
+
+def default_chunk_rows(hidden, weight):
+    """The token rows of a chunk linear_cross_entropy takes by default for `hidden`
+    (..., D) and `weight` (V, D): a logits buffer no larger than the hidden states,
+    but at least MIN_CHUNK_ROWS rows (and at most every token)."""
+    row_bytes = weight.shape[0] * A.compute_dtype(hidden.dtype).itemsize
+    rows = max(hidden.nbytes // row_bytes, MIN_CHUNK_ROWS)
+    return min(rows, hidden.size // hidden.shape[-1])
 
 
 class _Head:
@@ -104,7 +132,7 @@ class _Head:
         self.t, _, self.denom = checked_ids(t, self.lead, V, self.cw, opts, xp, checks)
         checks.done()
 
-        self.rows = self._chunk_rows(chunk_size, memory_budget, h.nbytes)
+        self.rows = self._chunk_rows(chunk_size, memory_budget, h, w)
         self.hidden = h
         self.h2 = h.reshape(N, D)
         # The products need a BLAS layout: C or F order (weight.T of a (D, V) array
@@ -118,7 +146,7 @@ class _Head:
             raise TypeError(f"{name}: dtype {a.dtype} differs from hidden's dtype "
                             f"{self.dtype} (cast one of them)")
 
-    def _chunk_rows(self, chunk_size, memory_budget, hidden_nbytes):
+    def _chunk_rows(self, chunk_size, memory_budget, hidden, weight):
         row_bytes = self.V * self.ct.itemsize
         if chunk_size is not None and memory_budget is not None:
             raise ValueError("give chunk_size or memory_budget, not both")
@@ -135,7 +163,7 @@ class _Head:
                 raise ValueError(f"memory_budget: {budget} bytes is less than one row of "
                                  f"logits ({self.V} x {self.ct.itemsize} bytes)")
         else:
-            rows = max(hidden_nbytes // row_bytes, MIN_CHUNK_ROWS)
+            return default_chunk_rows(hidden, weight)
         return min(rows, self.N)
 
     def kernel(self, z, sl, **outputs):
@@ -164,9 +192,10 @@ class _Grads:
     Accumulators are float32 for 16-bit inputs (for float32/float64 inputs they are
     the outputs themselves)."""
 
-    def __init__(self, head):
+    def __init__(self, head, scale_after=None):
         xp, ct, N, V = head.xp, head.ct, head.N, head.V
         self.head, D = head, head.h2.shape[1]
+        self.scale_after = scale_after  # a logit_scale the products still need (or None)
         self.d_hidden = A.empty(xp, (N, D), head.dtype)
         self.d_weight = A.empty(xp, (V, D), ct)
         self.d_bias = xp.empty(V, ct) if head.b is not None else None
@@ -180,11 +209,11 @@ class _Grads:
         """Add the chunk of rows `sl`: hidden rows h and logit gradients g (both in the
         compute dtype)."""
         xp, w = self.head.xp, self.head.w
-        if self.dh_tmp is None:
-            xp.matmul(g, w, out=self.d_hidden[sl])
-        else:
-            part = self.dh_tmp[: sl.stop - sl.start]
-            xp.matmul(g, w, out=part)
+        part = self.d_hidden[sl] if self.dh_tmp is None else self.dh_tmp[: sl.stop - sl.start]
+        xp.matmul(g, w, out=part)
+        if self.scale_after is not None:
+            _times(xp, part, self.scale_after)
+        if self.dh_tmp is not None:
             self.d_hidden[sl] = part
         if sl.start == 0:  # the first chunk writes the accumulators
             xp.matmul(g.T, h, out=self.d_weight)
@@ -203,6 +232,10 @@ class _Grads:
     def result(self):
         """(d_hidden, d_weight, d_bias or None) in the input dtypes and shapes."""
         dt = self.head.dtype
+        if self.scale_after is not None:
+            for acc in (self.d_weight, self.d_bias):
+                if acc is not None:
+                    _times(self.head.xp, acc, self.scale_after)
         return (self.d_hidden.reshape(self.head.hidden.shape),
                 self.d_weight.astype(dt, copy=False),
                 None if self.d_bias is None else self.d_bias.astype(dt, copy=False))
@@ -231,14 +264,17 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, class_weight=Non
     no larger than the hidden states, but at least MIN_CHUNK_ROWS rows (thinner
     chunks leave the matrix products bound by reading the weight)."""
     opts = Options(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale,
-                      normalizer)
+                   normalizer)
     head = _Head(hidden, weight, targets, bias, opts=opts, class_weight=class_weight,
                  chunk_size=chunk_size, memory_budget=memory_budget)
     xp = head.xp
-    scale, factor_rows = grad_factor(grad_output, reduction, head.denom, head.lead,
-                                        head.ct, xp)
+    scale, factor_rows = grad_factor(grad_output, reduction, head.denom, head.lead, head.ct,
+                                     xp)
+    after = head.ct != np.float64 and opts.scale > _SCALE_AFTER
+    if after:  # the kernel's factor: the gradient of the scaled logits
+        scale /= opts.scale
     loss_rows = xp.empty(head.N, head.ct)
-    grads = _Grads(head) if return_grads else None
+    grads = _Grads(head, opts.scale if after else None) if return_grads else None
     for sl, h, z in head.chunks():
         if grads is None:
             head.kernel(z, sl, loss=loss_rows[sl])

@@ -20,9 +20,6 @@ is given; the number of rows for probability targets), or by `normalizer` when g
 """
 import numpy as np
 
-__all__ = ["logsumexp", "log_softmax", "softmax", "cross_entropy",
-           "cross_entropy_with_grad", "cross_entropy_backward"]
-
 _REDUCTIONS = ("none", "mean", "sum")
 
 
@@ -207,8 +204,6 @@ def cross_entropy_with_grad(logits, targets, *, weight=None, ignore_index=-100,
 
 from .evaluation import Calibration, SequenceScores  # noqa: E402 (the same result types)
 
-__all__ += ["sequence_scores", "answer_mask", "perplexity", "bits_per_byte", "calibration"]
-
 
 def sequence_scores(logits, tokens, *, shift=True, mask=None, ignore_index=-100):
     """Sum, count and mean of log p(token) over each sequence's targets: token t is a
@@ -302,8 +297,6 @@ def calibration(confidence, correct, *, n_bins=15):
 
 # ---- token statistics and KL divergence ------------------------------------
 
-__all__ += ["token_stats", "kl_divergence"]
-
 
 def token_stats(logits, targets, *, ignore_index=-100, temperature=1.0):
     """Per-token logprob, lse, entropy, correct, top_prob, rank (lmxent.token_stats's
@@ -390,8 +383,6 @@ def kl_divergence(student_logits, teacher_logits, *, temperature=1.0, direction=
 # hidden @ weight.T + bias, here materialised. `class_weight` is cross_entropy's
 # `weight` (the name `weight` is the (V, D) matrix).
 
-__all__ += ["linear_cross_entropy", "linear_target_logprobs"]
-
 
 def _head_logits(hidden, weight, bias):
     z = np.asarray(hidden, dtype=np.float64) @ np.asarray(weight, dtype=np.float64).T
@@ -440,9 +431,6 @@ from . import _philox  # noqa: E402
 
 Samples = namedtuple("Samples", "tokens logprob rank top_ids top_logprobs")
 Beams = namedtuple("Beams", "sequences scores lengths")
-
-__all__ += ["Samples", "Beams", "process_logits", "sample", "top_k", "beam_search_step",
-            "beam_search"]
 
 _LOGPROBS_OF = ("raw", "processed")
 
@@ -791,3 +779,8 @@ def beam_search(step_fn, prompts, *, beam_width, max_len, eos_id, length_penalty
     seqs = seqs.reshape(batch, W, -1)
     pick = (np.arange(batch)[:, None], order)
     return Beams(seqs[pick], norm[pick], lengths[pick])
+
+
+# every public function above, in order (adding one needs no list)
+__all__ = [name for name, f in list(globals().items()) if not name.startswith("_")
+           and callable(f) and getattr(f, "__module__", None) == __name__]

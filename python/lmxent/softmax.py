@@ -7,6 +7,8 @@ kernels, CuPy arrays on the CUDA kernels (on CuPy's current stream, returning
 CuPy arrays)."""
 from . import _arrays as A
 
+__all__ = ["logsumexp", "log_softmax", "softmax"]
+
 
 def _rows_along(x, axis, temperature):
     """Validated (x, axis, 2-D rows of x with `axis` last, lead shape, 1/T, array module)."""

@@ -30,6 +30,8 @@ import numpy as np
 
 from . import _arrays as A
 
+__all__ = ["token_stats", "TokenStats"]
+
 TokenStats = namedtuple("TokenStats", "logprob lse entropy correct top_prob rank")
 TokenStats.__doc__ = ("Per-token statistics, each shaped like the targets: float logprob, "
                       "lse, entropy, top_prob (float32, float64 for float64 logits), bool "

@@ -1,0 +1,108 @@
+"""The peers' implementations of each op: straightforward vectorised code.
+
+NumPy / CuPy bodies (xp = numpy or cupy) compute in float32 for 16-bit input (float64
+for float64), like lmxent; outputs of the logits' size keep the input's dtype. Bodies
+without in-place updates also serve JAX (xp = jax.numpy). Then the torch bodies."""
+import numpy as np
+
+
+def compute(xp, a):
+    """a in the compute dtype: float32 for 16-bit and float32 input, float64 kept."""
+    return a if a.dtype == np.float64 else a.astype(np.float32)
+
+
+def xp_lse(xp, x):
+    z = compute(xp, x)
+    m = z.max(axis=-1, keepdims=True)
+    return (m + xp.log(xp.exp(z - m).sum(axis=-1, keepdims=True)))[:, 0]
+
+
+def xp_log_softmax(xp, x):
+    return (compute(xp, x) - xp_lse(xp, x)[:, None]).astype(x.dtype)
+
+
+def xp_softmax(xp, x):
+    z = compute(xp, x)
+    e = xp.exp(z - z.max(axis=-1, keepdims=True))
+    return (e / e.sum(axis=-1, keepdims=True)).astype(x.dtype)
+
+
+def xp_ce(xp, x, t):
+    return xp_lse(xp, x) - compute(xp, x[xp.arange(len(t)), t])
+
+
+def xp_ce_grad_of(xp, z, t):
+    """(mean loss, gradient) of float32/64 logits z."""
+    n, r = len(t), xp.arange(len(t))
+    lse = xp_lse(xp, z)
+    g = xp.exp(z - lse[:, None])
+    g[r, t] -= 1.0
+    g /= n
+    return xp.mean(lse - z[r, t]), g
+
+
+def xp_ce_grad(xp, x, t):
+    loss, g = xp_ce_grad_of(xp, compute(xp, x), t)
+    return loss, g.astype(x.dtype, copy=False)
+
+
+def xp_linear_ce(xp, h, w, t):
+    h32, w32 = compute(xp, h), compute(xp, w)
+    loss, g = xp_ce_grad_of(xp, h32 @ w32.T, t)
+    return loss, (g @ w32).astype(h.dtype, copy=False), (g.T @ h32).astype(w.dtype, copy=False)
+
+
+def xp_token_stats(xp, x, t):
+    z, r = compute(xp, x), xp.arange(len(t))
+    lse = xp_lse(xp, z)
+    lp = z - lse[:, None]
+    zt = z[r, t][:, None]
+    rank = ((z > zt) | ((z == zt) & (xp.arange(z.shape[1]) < t[:, None]))).sum(-1)
+    return (zt[:, 0] - lse, lse, -(xp.exp(lp) * lp).sum(-1), rank == 0,
+            xp.exp(z.max(-1) - lse), rank)
+
+
+def xp_kl_terms(xp, s, q):
+    """Forward KL(teacher || student) of student logits s and teacher logits q:
+    the log-probabilities of both and the teacher's probabilities."""
+    ls = compute(xp, s) - xp_lse(xp, s)[:, None]
+    lt = compute(xp, q) - xp_lse(xp, q)[:, None]
+    return ls, lt, xp.exp(lt)
+
+
+def xp_kl(xp, s, q):
+    """The forward KL, batchmean (for JAX's autodiff)."""
+    ls, lt, pt = xp_kl_terms(xp, s, q)
+    return (pt * (lt - ls)).sum() / len(s)
+
+
+def xp_kl_grad(xp, s, q):
+    """The forward KL, batchmean, and its gradient (p_student - p_teacher) / N."""
+    ls, lt, pt = xp_kl_terms(xp, s, q)
+    return (pt * (lt - ls)).sum() / len(s), ((xp.exp(ls) - pt) / len(s)).astype(s.dtype)
+
+
+# torch (and its peers' inputs)
+
+def torch_token_stats(torch, x, t):
+    z = x.float() if x.dtype != torch.float64 else x
+    lse = torch.logsumexp(z, -1)
+    lp = z - lse[:, None]
+    zt = z.gather(1, t[:, None])
+    ids = torch.arange(z.shape[1], device=z.device)
+    rank = ((z > zt) | ((z == zt) & (ids < t[:, None]))).sum(-1)
+    return (zt[:, 0] - lse, lse, -(lp.exp() * lp).sum(-1), rank == 0,
+            (z.amax(-1) - lse).exp(), rank)
+
+
+def torch_kl(torch, s, q):
+    F = torch.nn.functional
+    return F.kl_div(F.log_softmax(s, -1), F.log_softmax(q, -1), log_target=True,
+                    reduction="batchmean")
+
+
+def jax_head(jax, h, w, t):
+    z = jax.numpy.matmul(h, w.T, precision="highest",  # no TF32: the others use none
+                         preferred_element_type=jax.numpy.float32)
+    return xp_ce(jax.numpy, z, t).mean()
+
