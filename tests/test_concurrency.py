@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import lmxent as lx
+
 from helpers import num_threads
 
 TIMEOUT = 90  # seconds, for a subprocess, a thread; each test takes a few

@@ -10,9 +10,24 @@ from hypothesis import strategies as st
 import lmxent as lx
 from lmxent import reference as ref
 
-from helpers import (BF16, DTYPE_IDS, DTYPES, F16, F32, F64, assert_grad_close, assert_loss_close,
-                     dtype_id, grad_scale, loss_dtype, lowp, num_threads, numeric_grad, torch,
-                     torch_ce_with_grad)
+from helpers import (
+    BF16,
+    DTYPE_IDS,
+    DTYPES,
+    F16,
+    F32,
+    F64,
+    assert_grad_close,
+    assert_loss_close,
+    dtype_id,
+    grad_scale,
+    loss_dtype,
+    lowp,
+    num_threads,
+    numeric_grad,
+    torch,
+    torch_ce_with_grad,
+)
 
 CORE_DTYPES = [F32, F16] + ([BF16] if BF16 is not None else [])
 CORE_IDS = [dtype_id(d) for d in CORE_DTYPES]

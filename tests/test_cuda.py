@@ -28,13 +28,24 @@ from lmxent import _arrays as A
 from lmxent import _cpu
 from lmxent import reference as ref
 
-from helpers import (BF16, EXTREME_ROWS, F16, F32, F64, PLUS_INF_ROWS, assert_grad_close,
-                     assert_loss_close, assert_matches_reference, dtype_id, extreme_rows,
-                     grad_scale, loss_dtype)
-from test_cross_entropy import (OPTION_CASES, build_case, grad_output_for, make_ids, make_logits,
-                                make_probs)
-from test_linear_cross_entropy import grad_output_for as head_grad_output
+from helpers import (
+    BF16,
+    EXTREME_ROWS,
+    F16,
+    F32,
+    F64,
+    PLUS_INF_ROWS,
+    assert_grad_close,
+    assert_loss_close,
+    assert_matches_reference,
+    dtype_id,
+    extreme_rows,
+    grad_scale,
+    loss_dtype,
+)
+from test_cross_entropy import OPTION_CASES, build_case, grad_output_for, make_ids, make_logits, make_probs
 from test_linear_cross_entropy import assert_head_grads
+from test_linear_cross_entropy import grad_output_for as head_grad_output
 from test_linear_cross_entropy import make_problem as make_head_problem
 from test_linear_cross_entropy import resolve as head_options
 
@@ -904,12 +915,12 @@ def test_host_round_trips(monkeypatch, rng):
         return FakeArray.reads
 
     for fn in FNS:
-        assert reads(lambda: getattr(lx, fn)(dx)) == 0, fn
+        assert reads(lambda fn=fn: getattr(lx, fn)(dx)) == 0, fn
     mask = _fake_asarray(rng.random(dx.shape[:-1]) < 0.5)
     for d in ("forward", "js"):
-        assert reads(lambda: lx.kl_divergence(dx, dx * 0.5, direction=d, mask=mask,
+        assert reads(lambda d=d: lx.kl_divergence(dx, dx * 0.5, direction=d, mask=mask,
                                               return_grad=True)) == 0, d
-        assert reads(lambda: lx.kl_divergence(dx, dx * 0.5, direction=d, return_grad=True,
+        assert reads(lambda d=d: lx.kl_divergence(dx, dx * 0.5, direction=d, return_grad=True,
                                               grad_output=_fake_asarray(np.asarray(2.0)))) == 0
     calls = {
         "cross_entropy": lambda: lx.cross_entropy(dx, dt, weight=w, **opts),
@@ -1146,7 +1157,7 @@ def test_fake_cuda_forwards_any_call_form(rng):
     with pytest.raises(AssertionError, match="host array lse"):
         fake.softmax(dx, None, np.empty(3, np.float32), 1.0, False)
     with pytest.raises(AttributeError):
-        fake.math  # a CPU test hook, not a kernel op
+        fake.math  # noqa: B018 (a CPU test hook, not a kernel op)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -1210,4 +1221,4 @@ def test_missing_cuda_backend_is_a_clear_error(monkeypatch):
 def test_op_without_cuda_kernel_is_a_clear_error():
     k = A._CudaKernels(types.ModuleType("lmxent._cuda"))  # a module without the op
     with pytest.raises(TypeError, match="token_stats has no CUDA kernel yet"):
-        k.token_stats
+        k.token_stats  # noqa: B018 (the lookup raises)

@@ -3,7 +3,6 @@ at a file (and heading) that exists, and every Python example in them runs.
 
 Examples that need CuPy (a GPU) are left out; each other ```python block runs on its
 own, in a fresh namespace, from a temporary directory."""
-import os
 import re
 from pathlib import Path
 

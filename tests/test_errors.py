@@ -674,6 +674,7 @@ def test_output_allocation_failure_says_the_size():
 
 def test_check_cuda_errors_without_cupy_has_nothing_to_check(monkeypatch):
     import sys
+
     from lmxent import _arrays as A
     monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy fails
     monkeypatch.setattr(A, "_CUDA", None)

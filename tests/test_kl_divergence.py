@@ -7,8 +7,21 @@ import pytest
 
 import lmxent as lx
 from lmxent import reference as R
-from helpers import (BF16, DTYPE_IDS, DTYPES, F16, F32, F64, assert_grad_close, assert_loss_close,
-                     dtype_id, lowp, numeric_grad, torch)
+
+from helpers import (
+    BF16,
+    DTYPE_IDS,
+    DTYPES,
+    F16,
+    F32,
+    F64,
+    assert_grad_close,
+    assert_loss_close,
+    dtype_id,
+    lowp,
+    numeric_grad,
+    torch,
+)
 
 DIRECTIONS = ["forward", "reverse", "js"]
 # gradient tolerance: float32 error is absolute, relative to the row's gradient scale (<= 2 / T)

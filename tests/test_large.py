@@ -19,8 +19,15 @@ import pytest
 import lmxent as lx
 from lmxent import reference as R
 
-from helpers import (F16, F32, assert_grad_close, assert_loss_close, assert_matches_reference,
-                     grad_scale, torch_ce_with_grad)
+from helpers import (
+    F16,
+    F32,
+    assert_grad_close,
+    assert_loss_close,
+    assert_matches_reference,
+    grad_scale,
+    torch_ce_with_grad,
+)
 
 GiB = 1 << 30
 V1 = (1 << 20) + 1

@@ -13,8 +13,19 @@ import lmxent as lx
 from lmxent import reference as ref
 from lmxent.linear_cross_entropy import MIN_CHUNK_ROWS, _Head
 
-from helpers import (BF16, F16, F32, F64, assert_grad_close, assert_loss_close, dtype_id,
-                     grad_scale, lowp, torch, torch_ce_with_grad)
+from helpers import (
+    BF16,
+    F16,
+    F32,
+    F64,
+    assert_grad_close,
+    assert_loss_close,
+    dtype_id,
+    grad_scale,
+    lowp,
+    torch,
+    torch_ce_with_grad,
+)
 
 DTYPES = [F32, F64] + ([BF16] if BF16 is not None else [])
 DTYPE_IDS = [dtype_id(d) for d in DTYPES]

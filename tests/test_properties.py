@@ -16,15 +16,28 @@ import re
 
 import numpy as np
 import pytest
-from hypothesis import Phase, assume, event, given, note, settings
+from hypothesis import assume, event, given, note
 from hypothesis import strategies as st
 
-import _hypothesis_profiles  # noqa: F401 -- registers and loads the profile
 import lmxent as lx
 from lmxent import reference as R
-from helpers import (BF16, DTYPES, F16, F64, ISAS, assert_grad_close, assert_loss_close,
-                     assert_matches_reference, cpu_isa, dtype_id, grad_scale, loss_dtype,
-                     num_threads)
+
+import _hypothesis_profiles  # noqa: F401 -- registers and loads the profile
+from helpers import (
+    BF16,
+    DTYPES,
+    F16,
+    F64,
+    ISAS,
+    assert_grad_close,
+    assert_loss_close,
+    assert_matches_reference,
+    cpu_isa,
+    dtype_id,
+    grad_scale,
+    loss_dtype,
+    num_threads,
+)
 
 LAYOUTS = ["contiguous", "strided", "negative", "broadcast", "unaligned", "bigendian"]
 SOFTMAX_FNS = ["logsumexp", "log_softmax", "softmax"]

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from lmxent import reference as ref
+
 from helpers import numeric_grad
 
 B, T, V = 2, 3, 7

@@ -21,9 +21,26 @@ from hypothesis.extra import numpy as hnp
 import lmxent as lx
 from lmxent import reference as R
 
-from helpers import (BF16, DTYPES, EXTREME_ROWS, F16, F32, F64, INF, ISAS, PLUS_INF_ROWS,
-                     assert_matches_reference, assert_nan_inf_equal, cpu_isa, extreme_rows,
-                     num_threads, out_dtype, softmax_ref, softmax_tol, torch)
+from helpers import (
+    BF16,
+    DTYPES,
+    EXTREME_ROWS,
+    F16,
+    F32,
+    F64,
+    INF,
+    ISAS,
+    PLUS_INF_ROWS,
+    assert_matches_reference,
+    assert_nan_inf_equal,
+    cpu_isa,
+    extreme_rows,
+    num_threads,
+    out_dtype,
+    softmax_ref,
+    softmax_tol,
+    torch,
+)
 from helpers import dtype_id as _dtype_id
 
 FNS = ["logsumexp", "log_softmax", "softmax"]

@@ -6,8 +6,8 @@ import pytest
 
 import lmxent as lx
 from lmxent import reference as R
-from helpers import (DTYPE_IDS, DTYPES, F64, assert_loss_close,
-                     lowp, num_threads, torch)
+
+from helpers import DTYPE_IDS, DTYPES, F64, assert_loss_close, lowp, num_threads, torch
 
 FLOATS = ("logprob", "lse", "entropy", "top_prob")
 

@@ -35,6 +35,7 @@ import time
 import numpy as np
 
 import lmxent as lx
+
 from ._cli import Progress, array_module, machine_info, positive_int, to_host, write_json
 
 V = 256                       # bytes
@@ -114,7 +115,7 @@ def baselines(data, split):
     for order, name in ((1, "unigram"), (2, "bigram"), (3, "trigram")):
         counts, best = ngram_counts(train, order).astype(np.float32), None
 
-        def context_rows(pos):
+        def context_rows(pos, order=order):
             ctx = np.zeros(len(pos), np.int64)
             for j in range(order - 1, 0, -1):
                 ctx = ctx * V + data[pos - j]
@@ -122,7 +123,7 @@ def baselines(data, split):
         for alpha in ALPHAS:
             # the model as logits: softmax(log(count + alpha)) is the smoothed estimate
             table = np.log(counts + np.float32(alpha))
-            nll, acc = score(np, lambda pos: table[context_rows(pos)], data, held)
+            nll, acc = score(np, lambda pos, table=table: table[context_rows(pos)], data, held)
             if best is None or nll < best["nll_sum"]:
                 best = dict(alpha=alpha, nll_sum=nll, accuracy=acc)
         out[name] = best
