@@ -4,27 +4,27 @@ Stable log-softmax, online log-sum-exp cross-entropy with the gradient fused int
 the same pass, for NumPy (compiled C++ kernels, vectorised and threaded) and, with
 the CUDA build, CuPy. `lmxent.reference` is the float64 oracle every kernel is
 checked against."""
-# Each module lists its public names in its own __all__; the package exports them
-# all: a new function touches its module only, a new module the two lists below.
+# Each module lists its public names in its own __all__, and the package exports
+# every module's list: a new op's module is found here without an edit. Skipped:
+# tools, internals and modules with optional dependencies (imported by name).
 # (plot imports matplotlib only when a plot is drawn.)
 import importlib as _importlib
+import pkgutil as _pkgutil
 
 from . import _settings, plot, reference
-from ._arrays import *  # noqa: F403
-from ._settings import *  # noqa: F403
-from .cross_entropy import *  # noqa: F403
-from .evaluation import *  # noqa: F403
-from .kl_divergence import *  # noqa: F403
-from .linear_cross_entropy import *  # noqa: F403
-from .softmax import *  # noqa: F403
-from .token_stats import *  # noqa: F403
 
 # the one place of the version: pyproject.toml reads it from here (scikit-build-core)
 __version__ = "0.1.0"
 
-_MODULES = ("softmax", "cross_entropy", "linear_cross_entropy", "token_stats", "kl_divergence",
-            "evaluation", "_settings", "_arrays")
-__all__ = ["reference", "plot"] + [name for m in _MODULES for name in
-                                   _importlib.import_module(f"{__name__}.{m}").__all__]
+_NOT_EXPORTED = {"__main__", "_cli", "_options", "_philox", "_registry", "bench", "demo",
+                 "distributed", "plot", "reference", "torch"}
+_MODULES = sorted(m.name for m in _pkgutil.iter_modules(__path__)
+                  if m.name not in _NOT_EXPORTED and not m.name.startswith(("_cpu", "_cuda")))
+__all__ = ["reference", "plot"]
+for _m in _MODULES:
+    _mod = _importlib.import_module(f"{__name__}.{_m}")
+    globals().update({_name: getattr(_mod, _name) for _name in _mod.__all__})
+    __all__ += _mod.__all__
+del _m, _mod
 
 _settings.threads_from_env()
