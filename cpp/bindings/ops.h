@@ -2,8 +2,8 @@
 // argument struct from the module's arrays (checked by core.h), then its entry
 // in bind_ops: name, docstring, keyword names (the same in lmxent._cpu and
 // lmxent._cuda, listed in each module's `ops`, which the tests' CuPy stand-in
-// forwards). A new op's binding is a builder and an entry here, plus its line
-// in the `kernel` overloads of cpu_module.cpp and cuda_module.cpp. The public
+// forwards). A new op's binding is a builder and an entry here: each module
+// calls any op's kernel through one generic call (cpu::run, cuda::launch). The public
 // API in python/lmxent reshapes, validates values and allocates outputs; these
 // take 2-D rows and 1-D per-row arrays.
 #pragma once
