@@ -96,6 +96,64 @@ KLArgs kl_divergence_args(Arrays<M>& c, typename M::Array student, typename M::A
   return a;
 }
 
+template <class M>
+DecodeArgs decode_args(Arrays<M>& c, typename M::Array logits, typename M::Maybe bias, typename M::Maybe prev,
+                       int64_t prev_len, typename M::Array temperature, typename M::Array top_k,
+                       typename M::Array top_p, typename M::Array min_p, typename M::Array repetition,
+                       typename M::Array presence, typename M::Array frequency, typename M::Maybe out,
+                       typename M::Maybe seed, typename M::Maybe offset, typename M::Maybe tokens,
+                       typename M::Maybe logprob, typename M::Maybe rank, int64_t num_logprobs,
+                       typename M::Maybe top_ids, typename M::Maybe top_logprobs, bool logprobs_raw) {
+  DecodeArgs a;
+  a.logits = c.view(logits, "logits", false);
+  const int64_t n = a.logits.rows, V = a.logits.cols;
+  if (!bias.is_none()) {
+    a.bias = c.view(bias, "logit_bias", false);
+    if (a.bias.dtype != DType::F64 || a.bias.cols != V || (a.bias.rows != 1 && a.bias.rows != n))
+      fail("logit_bias", "expected float64 of shape (1 or rows, V)");
+  }
+  if (!prev.is_none()) {
+    if (prev_len < 1) fail("prev_tokens", "prev_len must be positive");
+    a.prev = (const int64_t*)c.int_vec(prev, 'i', 8, n * prev_len, "prev_tokens", false);
+    a.prev_len = prev_len;
+  }
+  a.temperature = (const double*)c.vec(temperature, DType::F64, n, "temperature", false);
+  a.top_k = (const int64_t*)c.int_vec(top_k, 'i', 8, n, "top_k", false);
+  a.top_p = (const double*)c.vec(top_p, DType::F64, n, "top_p", false);
+  a.min_p = (const double*)c.vec(min_p, DType::F64, n, "min_p", false);
+  a.repetition = (const double*)c.vec(repetition, DType::F64, n, "repetition_penalty", false);
+  a.presence = (const double*)c.vec(presence, DType::F64, n, "presence_penalty", false);
+  a.frequency = (const double*)c.vec(frequency, DType::F64, n, "frequency_penalty", false);
+  a.out = c.like(out, "out", true, a.logits, a.logits.dtype, "must have the shape and dtype of the logits");
+  if (!tokens.is_none()) {
+    if (num_logprobs < 0) fail("num_logprobs", "must be >= 0");
+    a.seed = (const uint64_t*)c.int_vec(seed, 'u', 8, n, "seed", false);
+    a.offset = (const uint64_t*)c.int_vec(offset, 'u', 8, n, "offset", false);
+    a.tokens = (int64_t*)c.int_vec(tokens, 'i', 8, n, "tokens", true);
+    a.logprob = (float*)c.vec(logprob, DType::F32, n, "logprob", true);
+    a.rank = (int64_t*)c.int_vec(rank, 'i', 8, n, "rank", true);
+    a.num_logprobs = num_logprobs;
+    a.top_ids = (int64_t*)c.int_vec(top_ids, 'i', 8, n * num_logprobs, "top_ids", true);
+    a.top_logprobs = (float*)c.vec(top_logprobs, DType::F32, n * num_logprobs, "top_logprobs", true);
+    a.logprobs_raw = logprobs_raw;
+  }
+  return a;
+}
+
+template <class M>
+TopKArgs top_k_args(Arrays<M>& c, typename M::Array x, int64_t k, typename M::Array values,
+                    typename M::Array indices) {
+  TopKArgs a;
+  a.x = c.view(x, "x", false);
+  if (k < 0 || k > a.x.cols) fail("k", "must be in [0, V]");
+  a.k = k;
+  a.values = c.view(values, "values", true);
+  if (a.values.dtype != a.x.dtype || a.values.rows != a.x.rows || a.values.cols != k)
+    fail("values", "must have the dtype of x and shape (rows, k)");
+  a.indices = (int64_t*)c.int_vec(indices, 'i', 8, a.x.rows * k, "indices", true);
+  return a;
+}
+
 // The op table of both modules; sets the module's `ops` ({name: parameter names}).
 template <class M>
 void bind_ops(py::module_& m) {
@@ -121,6 +179,18 @@ void bind_ops(py::module_& m) {
          "loss, and the student gradient into grad times grad_scale * grad_rows[r] (may be None).",
          &kl_divergence_args<M>, "student", "teacher", "row_mask", "scale", "direction", "loss", "grad",
          "grad_scale", "grad_rows");
+  def_op(m, ops, "decode",
+         "Decoding of each row (lmxent/decoding.h): the processed logits into out (may be None) and, "
+         "when tokens is given, one sampled token per row with its logprob, rank and the "
+         "num_logprobs most likely ids and log-probabilities. Per-row parameters are 1-D arrays "
+         "(float64; top_k int64; seed, offset uint64); prev_tokens flat (rows * prev_len,).",
+         &decode_args<M>, "logits", "logit_bias", "prev_tokens", "prev_len", "temperature", "top_k", "top_p",
+         "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "out", "seed", "offset",
+         "tokens", "logprob", "rank", "num_logprobs", "top_ids", "top_logprobs", "logprobs_raw");
+  def_op(m, ops, "top_k",
+         "The k largest entries of each row of x, descending (NaN first, ties lower index first), "
+         "into values (rows, k) and indices (rows * k,).",
+         &top_k_args<M>, "x", "k", "values", "indices");
   m.attr("ops") = ops;
 }
 

@@ -127,6 +127,29 @@ def _lm_head(x, t, w, rng):
             (grads[1], rg[1], x.dtype.name)]
 
 
+# the serving setting: every filter on, 5 log-probabilities
+DECODING = dict(temperature=0.7, top_k=50, top_p=0.9)
+
+
+def _process_logits(x, t, w, rng):
+    got = lx.process_logits(x, **DECODING)
+    return [(got, R.process_logits(x.astype(np.float64), **DECODING), x.dtype.name)]
+
+
+def _sample(x, t, w, rng):
+    got = lx.sample(x, seed=7, num_logprobs=5, **DECODING)
+    want = R.sample(x.astype(np.float64), seed=7, num_logprobs=5, **DECODING)
+    return [(g, r, g.dtype.name if g.dtype.kind == "f" else "float64")
+            for g, r in zip(got, want)]  # ids and ranks must match exactly
+
+
+def _top_k(x, t, w, rng):
+    k = min(5, x.shape[-1])
+    values, ids = lx.top_k(x, k)
+    rv, ri = R.top_k(x.astype(np.float64), k)
+    return [(values, rv, x.dtype.name), (ids, ri, "float64")]
+
+
 # ----------------------------------------------------------------- the table
 
 def _lmxent(call):
@@ -227,6 +250,12 @@ REGISTRY = [
     Row("perplexity"),
     Row("bits_per_byte"),
     Row("calibration"),
+    Row("process_logits", checks={"process_logits": _process_logits}),
+    Row("sample", checks={"sample (with 5 logprobs)": _sample}),
+    Row("top_k", checks={"top_k": _top_k}),
+    # checked by tests/test_decoding.py
+    Row("beam_search_step"),
+    Row("beam_search"),
 ]
 
 ROWS = {row.name: row for row in REGISTRY}

@@ -143,6 +143,41 @@ struct KLArgs {
 };
 LMXENT_OP(KLArgs)
 
+// Decoding (process_logits and sample; the row math in lmxent/decoding.h, the
+// semantics in docs/decoding.md). Per-row parameters are arrays of `rows`
+// values ("off": temperature 1, top_k 0, top_p 1, min_p 0, repetition 1,
+// presence and frequency 0); all math is float64.
+struct DecodeArgs {
+  View2D logits;
+  View2D bias;                       // F64, 1 or logits.rows rows of V, or data == nullptr
+  const int64_t* prev = nullptr;     // rows x prev_len token ids, -1 padding, or nullptr
+  int64_t prev_len = 0;
+  const double *temperature = nullptr, *top_p = nullptr, *min_p = nullptr;
+  const double *repetition = nullptr, *presence = nullptr, *frequency = nullptr;
+  const int64_t* top_k = nullptr;
+  View2D out;                        // processed logits (dtype of logits), or data == nullptr
+  // Sampling, when tokens is set: row r's uniform is Philox(seed[r], offset[r]).
+  const uint64_t *seed = nullptr, *offset = nullptr;
+  int64_t* tokens = nullptr;
+  float* logprob = nullptr;          // of the sampled token
+  int64_t* rank = nullptr;
+  int64_t num_logprobs = 0;
+  int64_t* top_ids = nullptr;        // rows x num_logprobs
+  float* top_logprobs = nullptr;     // rows x num_logprobs
+  bool logprobs_raw = true;          // statistics of the raw logits (else the processed)
+};
+LMXENT_OP(DecodeArgs)
+
+// The k largest entries of each row, descending (NaN first, ties lower index
+// first): values (dtype of x, rows x k) and indices (rows x k).
+struct TopKArgs {
+  View2D x;
+  int64_t k = 0;
+  View2D values;
+  int64_t* indices = nullptr;
+};
+LMXENT_OP(TopKArgs)
+
 inline namespace LMXENT_ISA {
 
 // Online log-sum-exp: sum exp(z - m) = s, with m the largest z seen. Merging
