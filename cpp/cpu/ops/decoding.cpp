@@ -6,7 +6,9 @@
 // Memory traffic: see lmxent/decoding.h (one read of the logits into a row
 // buffer, passes over the buffer, then only the survivors; one write of the
 // processed row when asked).
-#include <vector>
+#include <stdlib.h>
+
+#include <new>
 
 #include "../rows.h"
 #include "lmxent/decoding.h"
@@ -17,65 +19,47 @@ inline namespace LMXENT_ISA {
 
 namespace {
 
-// This thread's row buffers, grown to the call's sizes.
+// This thread's row buffers (lmxent/decoding.h's layout), grown to the call's sizes.
 struct Buffers {
-  std::vector<double> y, tmp, zs;
-  std::vector<int64_t> ids, hist;
-  DecodeScratch get(int64_t V, int64_t L, int64_t n_top) {
-    y.resize(V);
-    tmp.resize(V);
-    ids.resize(V);
-    hist.resize(L);
-    zs.resize(n_top < V ? n_top : V);
-    return {y.data(), tmp.data(), ids.data(), hist.data()};
+  void* p = nullptr;
+  int64_t bytes = 0;
+  ~Buffers() { free(p); }
+  void* get(int64_t need) {
+    if (need > bytes) {
+      free(p);
+      p = malloc(need);
+      bytes = p ? need : 0;
+      if (!p) throw std::bad_alloc();
+    }
+    return p;
   }
 };
 thread_local Buffers tl_buffers;
 
 template <class T>
 void decode_rows(const DecodeArgs& a, int64_t r0, int64_t r1) {
+  typedef typename Compute<T>::type C;
   const int64_t V = a.logits.cols;
-  const DecodeScratch s = tl_buffers.get(V, a.prev_len, a.num_logprobs);
+  const DecodeScratch s =
+      decode_scratch(tl_buffers.get(decode_row_bytes(V, a.prev_len, a.num_logprobs)), V, a.prev_len);
   for (int64_t r = r0; r < r1; ++r) {
     const T* x = (const T*)a.logits.data + r * a.logits.stride;
-    auto raw = [x](int64_t j) { return (double)to_compute(x[j]); };
-    const DecodeRow d = decode_row(a, r, raw, s);
-    if (a.out.data) {
-      typedef typename Compute<T>::type C;
-      T* o = (T*)a.out.data + r * a.out.stride;
-      const C fill = d.nan ? (C)NAN : -(C)INFINITY;
-      for (int64_t j = 0; j < V; ++j) from_compute(o + j, fill);
-      for (int64_t i = 0; i < d.n; ++i) from_compute(o + s.ids[i], (C)s.y[s.ids[i]]);
-    }
-    if (!a.tokens) continue;
-    const int64_t t = decode_draw(d, s.y, s.ids, philox_uniform(a.seed[r], a.offset[r]));
-    a.tokens[r] = t;
-    if (a.logprobs_raw) {
-      decode_logprobs(a, r, t, t >= 0 ? raw(t) : 0.0, [&](auto f) {
-        for (int64_t j = 0; j < V; ++j) f(j, raw(j));
-      }, false, tl_buffers.zs.data());
-    } else {
-      decode_logprobs(a, r, t, t >= 0 ? s.y[t] : 0.0, [&](auto f) {
-        for (int64_t i = 0; i < d.n; ++i) f(s.ids[i], s.y[s.ids[i]]);
-      }, d.nan || d.n == 0, tl_buffers.zs.data());
-    }
+    T* o = (T*)a.out.data + r * a.out.stride;
+    decode_one(a, r, [x](int64_t j) { return (double)to_compute(x[j]); },
+               [o](int64_t j, double v) { from_compute(o + j, (C)v); }, s, decode_zs(s, a.prev_len));
   }
 }
 
 template <class T>
 void top_k_rows(const TopKArgs& a, int64_t r0, int64_t r1) {
   const int64_t V = a.x.cols, k = a.k;
-  const DecodeScratch s = tl_buffers.get(V, 0, 0);
+  const DecodeScratch s = decode_scratch(tl_buffers.get(decode_row_bytes(V, 0, 0)), V, 0);
   for (int64_t r = r0; r < r1; ++r) {
     const T* x = (const T*)a.x.data + r * a.x.stride;
-    for (int64_t j = 0; j < V; ++j) s.y[j] = (double)to_compute(x[j]);
-    const int64_t n = select_candidates(s.y, V, k, s.ids, s.tmp);
-    dec_sort(s.ids, n, TopKBefore{s.y});
     T* vals = (T*)a.values.data + r * a.values.stride;
-    for (int64_t i = 0; i < k; ++i) {
-      vals[i] = x[s.ids[i]];
-      a.indices[r * k + i] = s.ids[i];
-    }
+    int64_t* ids = a.indices + r * k;
+    top_k_one(a, [x](int64_t j) { return (double)to_compute(x[j]); },
+              [&](int64_t i, int64_t j) { vals[i] = x[j]; ids[i] = j; }, s);
   }
 }
 

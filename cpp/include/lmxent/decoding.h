@@ -286,6 +286,33 @@ LMXENT_HD void decode_logprobs(const DecodeArgs& a, int64_t r, int64_t t, double
   }
 }
 
+// The whole decode op on row r: raw(j) reads logit j as a double, store(j, v)
+// writes entry j of the processed row (when a.out is set); zs holds
+// min(num_logprobs, V) doubles.
+template <class Raw, class Store>
+LMXENT_HD void decode_one(const DecodeArgs& a, int64_t r, const Raw& raw, const Store& store,
+                          const DecodeScratch& s, double* zs) {
+  const int64_t V = a.logits.cols;
+  const DecodeRow d = decode_row(a, r, raw, s);
+  if (a.out.data) {
+    const double fill = d.nan ? (double)NAN : -(double)INFINITY;
+    for (int64_t j = 0; j < V; ++j) store(j, fill);
+    for (int64_t i = 0; i < d.n; ++i) store(s.ids[i], s.y[s.ids[i]]);
+  }
+  if (!a.tokens) return;
+  const int64_t t = decode_draw(d, s.y, s.ids, philox_uniform(a.seed[r], a.offset[r]));
+  a.tokens[r] = t;
+  if (a.logprobs_raw) {
+    decode_logprobs(a, r, t, t >= 0 ? raw(t) : 0.0, [&](auto f) {
+      for (int64_t j = 0; j < V; ++j) f(j, raw(j));
+    }, false, zs);
+  } else {
+    decode_logprobs(a, r, t, t >= 0 ? s.y[t] : 0.0, [&](auto f) {
+      for (int64_t i = 0; i < d.n; ++i) f(s.ids[i], s.y[s.ids[i]]);
+    }, d.nan || d.n == 0, zs);
+  }
+}
+
 // lx.top_k of one row: (value, index) descending, NaN first, ties lower index
 // first. y: the row as doubles.
 struct TopKBefore {
@@ -297,6 +324,28 @@ struct TopKBefore {
     return i < j;
   }
 };
+
+// The whole top_k op on row r: load(j) reads x_j as a double into s.y;
+// put(i, j) writes the i-th largest, x_j.
+template <class Load, class Put>
+LMXENT_HD void top_k_one(const TopKArgs& a, const Load& load, const Put& put, const DecodeScratch& s) {
+  const int64_t V = a.x.cols;
+  for (int64_t j = 0; j < V; ++j) s.y[j] = load(j);
+  const int64_t n = select_candidates(s.y, V, a.k, s.ids, s.tmp);
+  dec_sort(s.ids, n, TopKBefore{s.y});
+  for (int64_t i = 0; i < a.k; ++i) put(i, s.ids[i]);
+}
+
+// Scratch of one row: y, tmp (doubles), ids (V), hist (prev_len), zs.
+LMXENT_HD int64_t decode_row_bytes(int64_t V, int64_t prev_len, int64_t num_logprobs) {
+  return 8 * (3 * V + prev_len + (num_logprobs < V ? num_logprobs : V));
+}
+LMXENT_HD DecodeScratch decode_scratch(void* base, int64_t V, int64_t prev_len) {
+  double* y = (double*)base;
+  int64_t* ids = (int64_t*)(y + 2 * V);
+  return {y, y + V, ids, ids + V};
+}
+LMXENT_HD double* decode_zs(const DecodeScratch& s, int64_t prev_len) { return (double*)(s.hist + prev_len); }
 
 }  // namespace LMXENT_ISA
 }  // namespace lmxent
