@@ -42,6 +42,11 @@ def _is_int(v):
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
+def _check_vocabulary(shape):
+    if len(shape) < 1 or shape[-1] < 1:
+        raise ValueError(f"logits must have a vocabulary axis of length >= 1, got shape {shape}")
+
+
 def _check_rows_shape(a, name, lead):
     if a.shape not in ((), lead):
         raise ValueError(f"{name} must be a scalar or have the rows' shape {lead}, "
@@ -165,6 +170,7 @@ def _decode(logits, opts, out, sampling):
     """Validate and run the decode kernel. sampling: (seed, offset, num_logprobs, raw)
     or None. Returns (x, xp, lead, processed rows or None, sample outputs or None)."""
     x = A.as_float_array(logits, "logits")
+    _check_vocabulary(x.shape)
     xp = A.array_module(x)
     x2, lead = A.rows(x, "logits")
     n, V = x2.shape

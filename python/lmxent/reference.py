@@ -434,6 +434,7 @@ from .decoding import (  # noqa: E402
     _beam_loop,
     _beam_step,
     _bias,
+    _check_vocabulary,
     _history,
     _is_int,
     _params,
@@ -472,8 +473,7 @@ def _process(logits, temperature, logit_bias, top_k, top_p, min_p, repetition_pe
              presence_penalty, frequency_penalty, prev_tokens):
     """Validate; return (processed float64 logits, NaN-row mask) of process_logits."""
     x = np.array(logits, dtype=np.float64)  # a copy: processed in place below
-    if x.ndim < 1 or x.shape[-1] < 1:
-        raise ValueError(f"logits must have a vocabulary axis of length >= 1, got shape {x.shape}")
+    _check_vocabulary(x.shape)
     lead, V = x.shape[:-1], x.shape[-1]
     T, k, p, mp, rp, pres, freq = _params(lead, temperature, top_k, top_p, min_p,
                                           repetition_penalty, presence_penalty,
