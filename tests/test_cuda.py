@@ -1194,6 +1194,33 @@ def test_lm_head_host_round_trips(monkeypatch, rng, reduction, weighted):
         A.set_cuda_validation(previous)
 
 
+# ------------------------------------------------------------------ decoding
+
+# rows of one thread each on the GPU (lmxent/decoding.h): short and long rows,
+# every option; the results equal the CPU kernel's (the same float64 row math)
+@pytest.mark.parametrize("dtype", [F32, BF16] if BF16 is not None else [F32], ids=dtype_id)
+@pytest.mark.parametrize("V", [7, 5000, 128256])
+def test_decoding_matches_cpu(xp, dtype, V, rng):
+    x = (2 * rng.standard_normal((4, V))).astype(dtype)
+    x[3] = -np.inf
+    x[3, 1] = 0.5
+    opts = dict(temperature=np.array([0.0, 0.7, 1.0, 1.2]), top_k=[0, 50, 3, 0], top_p=0.9,
+                min_p=0.01, logit_bias={0: -np.inf}, repetition_penalty=1.2,
+                prev_tokens=rng.integers(-1, V, size=(4, 6)))
+    d = xp.asarray(x)
+    y = lx.process_logits(d, **opts)
+    np.testing.assert_array_equal(host(y), lx.process_logits(x, **opts))
+    for of in ("raw", "processed"):
+        got = lx.sample(d, seed=3, num_logprobs=5, logprobs_of=of, **opts)
+        want = lx.sample(x, seed=3, num_logprobs=5, logprobs_of=of, **opts)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(host(g), w, rtol=1e-6)
+    v, i = lx.top_k(d, min(V, 9))
+    rv, ri = lx.top_k(x, min(V, 9))
+    np.testing.assert_array_equal(host(v), rv)
+    np.testing.assert_array_equal(host(i), ri)
+
+
 # ----------------------------------------------------- without the backend
 
 def test_missing_cuda_backend_is_a_clear_error(monkeypatch):
