@@ -33,8 +33,10 @@ __global__ void decode_kernel(DecodeArgs a, char* scratch) {
       decode_scratch(scratch + r * decode_row_bytes(V, a.prev_len, a.num_logprobs), V, a.prev_len);
   const T* x = (const T*)a.logits.data + r * a.logits.stride;
   T* o = (T*)a.out.data + r * a.out.stride;
-  decode_one(a, r, [x](int64_t j) { return (double)to_c(x[j]); },
-             [o](int64_t j, double v) { o[j] = from_c<T>((C)v); }, s, decode_zs(s, a.prev_len));
+  auto raw = [x](int64_t j) { return (double)to_c(x[j]); };
+  decode_one(a, r, raw,
+             [o](int64_t j, double v) { o[j] = from_c<T>((C)v); },
+             [&](double m) { return dec_log_sum(raw, V, m); }, s, decode_zs(s, a.prev_len));
 }
 
 template <class T>

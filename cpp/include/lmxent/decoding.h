@@ -192,12 +192,11 @@ LMXENT_HD DecodeRow decode_row(const DecodeArgs& a, int64_t r, const Raw& raw, c
     const double v = y[best];
     for (int64_t j = 0; j < V; ++j) y[j] = -inf;
     y[best] = v;
-  } else {
-    for (int64_t j = 0; j < V; ++j) y[j] /= T;
   }
   double m = -inf;
   bool nan = false;
   for (int64_t j = 0; j < V; ++j) {
+    if (T != 0) y[j] /= T;
     nan |= dec_nan(y[j]) || y[j] == inf;
     m = y[j] > m ? y[j] : m;
   }
@@ -238,6 +237,15 @@ LMXENT_HD int64_t decode_draw(const DecodeRow& d, const double* y, const int64_t
   return last;
 }
 
+// log sum_j exp(raw(j) - m) over [0, V), m the (finite) max: the log-sum-exp
+// relative to the max, exact however large the logits.
+template <class Raw>
+LMXENT_HD double dec_log_sum(const Raw& raw, int64_t V, double m) {
+  double sum = 0;
+  for (int64_t j = 0; j < V; ++j) sum += ::exp(raw(j) - m);
+  return ::log(sum);
+}
+
 // Log-probability statistics of a row z (raw or processed) visited as
 // z(j) for j in a sequence: max, sum, rank of the token, the n most likely.
 struct TopN {  // ids/lps of the row's top-n slot range, lps holding z meanwhile
@@ -259,9 +267,9 @@ struct TopN {  // ids/lps of the row's top-n slot range, lps holding z meanwhile
 // Writes logprob, rank and top-n of the token t for the row visited by
 // `each(f)` (f(j, z) over the row's entries, -inf ones may be skipped).
 // nan: the row is known to have no distribution. zs: min(num_logprobs, V) doubles.
-template <class Each>
+template <class Each, class LogSum>
 LMXENT_HD void decode_logprobs(const DecodeArgs& a, int64_t r, int64_t t, double zt, const Each& each,
-                               bool nan, double* zs) {
+                               const LogSum& log_sum_of, bool nan, double* zs) {
   const int64_t n = a.num_logprobs, V = a.logits.cols;
   TopN top{a.top_ids + r * n, a.top_logprobs + r * n, n < V ? n : V, 0, zs};
   const double inf = (double)INFINITY;
@@ -274,9 +282,7 @@ LMXENT_HD void decode_logprobs(const DecodeArgs& a, int64_t r, int64_t t, double
     top.offer(j, z);
   });
   const bool defined = !nan && m > -inf && m < inf;
-  double sum = 0;
-  if (defined) each([&](int64_t, double z) { sum += ::exp(z - m); });
-  const double ls = ::log(sum);
+  const double ls = defined ? log_sum_of(m) : 0.0;  // log-sum-exp - m
   if (a.logprob) a.logprob[r] = t >= 0 && defined ? (float)((zt - m) - ls) : (float)NAN;
   if (a.rank) a.rank[r] = t >= 0 ? rank : -1;
   for (int64_t i = 0; i < n; ++i) {
@@ -287,11 +293,12 @@ LMXENT_HD void decode_logprobs(const DecodeArgs& a, int64_t r, int64_t t, double
 }
 
 // The whole decode op on row r: raw(j) reads logit j as a double, store(j, v)
-// writes entry j of the processed row (when a.out is set); zs holds
-// min(num_logprobs, V) doubles.
-template <class Raw, class Store>
+// writes entry j of the processed row (when a.out is set), raw_log_sum(m) is
+// the raw row's dec_log_sum (m its finite max; asked only for logprobs_raw); zs
+// holds min(num_logprobs, V) doubles.
+template <class Raw, class Store, class RawLogSum>
 LMXENT_HD void decode_one(const DecodeArgs& a, int64_t r, const Raw& raw, const Store& store,
-                          const DecodeScratch& s, double* zs) {
+                          const RawLogSum& raw_log_sum, const DecodeScratch& s, double* zs) {
   const int64_t V = a.logits.cols;
   const DecodeRow d = decode_row(a, r, raw, s);
   if (a.out.data) {
@@ -305,10 +312,17 @@ LMXENT_HD void decode_one(const DecodeArgs& a, int64_t r, const Raw& raw, const 
   if (a.logprobs_raw) {
     decode_logprobs(a, r, t, t >= 0 ? raw(t) : 0.0, [&](auto f) {
       for (int64_t j = 0; j < V; ++j) f(j, raw(j));
-    }, false, zs);
+    }, raw_log_sum, false, zs);
   } else {
-    decode_logprobs(a, r, t, t >= 0 ? s.y[t] : 0.0, [&](auto f) {
-      for (int64_t i = 0; i < d.n; ++i) f(s.ids[i], s.y[s.ids[i]]);
+    const double* y = s.y;
+    const int64_t* ids = s.ids;
+    auto each = [&](auto f) {
+      for (int64_t i = 0; i < d.n; ++i) f(ids[i], y[ids[i]]);
+    };
+    decode_logprobs(a, r, t, t >= 0 ? y[t] : 0.0, each, [&](double m) {
+      double sum = 0;
+      each([&](int64_t, double z) { sum += ::exp(z - m); });
+      return ::log(sum);
     }, d.nan || d.n == 0, zs);
   }
 }
