@@ -384,6 +384,8 @@ def test_torch_compile_fullgraph(gen):
         loss = loss + lt.linear_cross_entropy(h, model.head.weight, t, z_loss=1e-3)
         loss = loss + lt.kl_divergence(logits, teacher, temperature=2.0)
         loss = loss + lt.logsumexp(logits).mean() + lt.log_softmax(logits)[..., 0].mean()
+        # a tensor num_items_in_batch: the normalizer in eager mode, a divided "sum" compiled
+        loss = loss + lt.causal_lm_loss(logits, t, 32, num_items_in_batch=torch.tensor(5))
         return loss + lt.softmax(logits)[..., 1].sum()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
