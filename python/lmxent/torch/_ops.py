@@ -50,6 +50,15 @@ def scaled(t, g):
     return t * g
 
 
+def _extra_outputs(ctx, *outputs):
+    """Outputs that are not differentiable: autograd would otherwise give the
+    backward a zero-filled upstream gradient for each (a logits-sized allocation
+    and fill for a saved gradient). The loss's upstream gradient is then None
+    when the loss did not reach the differentiated result."""
+    ctx.mark_non_differentiable(*outputs)
+    ctx.set_materialize_grads(False)
+
+
 def _no_backward(name):
     raise RuntimeError(f"lmxent::{name} was called without the outputs its backward needs: "
                        f"call lmxent.torch.{name}, which chooses them")
@@ -91,14 +100,16 @@ def _ce_setup(ctx, inputs, output):
     logits, targets, weight = inputs[:3]
     ctx.opts, ctx.with_grad = inputs[3:10], inputs[10]
     loss, lse, grad = output
-    ctx.mark_non_differentiable(lse, grad)
+    _extra_outputs(ctx, lse, grad)
     ctx.has_lse = lse.numel() > 0 or logits.numel() == 0
     # only what the backward reads: with the fused gradient the logits may be freed
     ctx.save_for_backward(*((grad,) if ctx.with_grad else (logits, targets, weight, lse)))
 
 
 def _ce_backward(ctx, g_loss, g_lse, g_grad):
-    if ctx.with_grad:
+    if g_loss is None:
+        d = None
+    elif ctx.with_grad:
         d = scaled(ctx.saved_tensors[0], g_loss)
     elif ctx.has_lse:
         logits, targets, weight, lse = ctx.saved_tensors
@@ -166,7 +177,7 @@ def _(hidden, weight, targets, bias, class_weight, ignore_index, reduction, *arg
 
 def _lce_setup(ctx, inputs, output):
     ctx.opts, ctx.with_grad = inputs[5:14], inputs[-1]
-    ctx.mark_non_differentiable(*output[1:])
+    _extra_outputs(ctx, *output[1:])
     ctx.has_bias = inputs[3] is not None
     if ctx.with_grad:
         ctx.save_for_backward(*output[1:])
@@ -175,7 +186,9 @@ def _lce_setup(ctx, inputs, output):
 
 
 def _lce_backward(ctx, g_loss, *unused):
-    if ctx.with_grad:
+    if g_loss is None:
+        dh = dw = db = None
+    elif ctx.with_grad:
         dh, dw, db = (scaled(t, g_loss) for t in ctx.saved_tensors)
     else:  # recomputed with the per-token upstream gradient
         _, dh, dw, db = torch.ops.lmxent.linear_cross_entropy(*ctx.saved_tensors, *ctx.opts,
@@ -208,12 +221,14 @@ def _(student, teacher, temperature, direction, reduction, mask, grad_output, wi
 
 def _kl_setup(ctx, inputs, output):
     ctx.opts, ctx.with_grad = inputs[2:5], inputs[-1]
-    ctx.mark_non_differentiable(output[1])
+    _extra_outputs(ctx, output[1])
     ctx.save_for_backward(*((output[1],) if ctx.with_grad else (inputs[0], inputs[1], inputs[5])))
 
 
 def _kl_backward(ctx, g_loss, g_grad):
-    if ctx.with_grad:
+    if g_loss is None:
+        d = None
+    elif ctx.with_grad:
         d = scaled(ctx.saved_tensors[0], g_loss)
     else:
         student, teacher, mask = ctx.saved_tensors

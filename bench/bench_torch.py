@@ -1,0 +1,105 @@
+"""Benchmark of lmxent.torch (CPU): cross-entropy forward+backward against
+F.cross_entropy, torch.compile(F.cross_entropy) and the NumPy call the adapter
+wraps (its overhead), and linear_cross_entropy against torch's chunked
+F.linear_cross_entropy. Medians of --repeat timed runs after one warm-up run.
+
+    python bench/bench_torch.py --threads 2 --shapes 4096x32000 --dtypes f32 bf16
+"""
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import lmxent as lx
+import lmxent.torch as lt
+
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
+
+
+def median_ms(cases, repeat):
+    """{name: median ms} of the functions in `cases`, run in turn (a shared machine's
+    load drifts: interleaving spreads it over all of them)."""
+    for fn in cases.values():
+        fn()  # warm-up (and compilation)
+    times = {name: [] for name in cases}
+    for _ in range(repeat):
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+
+
+def fwd_bwd(loss_fn, x, t):
+    def run():
+        x.grad = None
+        loss_fn(x, t).backward()
+    return run
+
+
+def cross_entropy_cases(N, V, dtype, repeat):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(N, V, generator=g) * 2).to(dtype).requires_grad_()
+    t = torch.randint(0, V, (N,), generator=g)
+    xa, ta = lt._bridge.array(x.detach()), t.numpy()
+    compiled = torch.compile(F.cross_entropy)
+    return median_ms({
+        "lmxent.torch": fwd_bwd(lt.cross_entropy, x, t),
+        "lmxent NumPy": lambda: lx.cross_entropy_with_grad(xa, ta),
+        "F.cross_entropy": fwd_bwd(F.cross_entropy, x, t),
+        "compiled F.cross_entropy": fwd_bwd(compiled, x, t),
+    }, repeat)
+
+
+def linear_cases(N, D, V, dtype, repeat):
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(N, D, generator=g)).to(dtype).requires_grad_()
+    w = (torch.randn(V, D, generator=g) / D**0.5).to(dtype).requires_grad_()
+    t = torch.randint(0, V, (N,), generator=g)
+
+    def run(fn):
+        def go():
+            h.grad = w.grad = None
+            fn(h, w, t).backward()
+        return go
+
+    opts = torch.nn.LinearCrossEntropyOptions()
+    return median_ms({
+        "lmxent.torch.linear_cross_entropy": run(lt.linear_cross_entropy),
+        "F.linear_cross_entropy(options)": run(
+            lambda h, w, t: F.linear_cross_entropy(h, w, t, options=opts)),
+    }, repeat)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--shapes", nargs="+", default=["4096x32000"])
+    p.add_argument("--dtypes", nargs="+", default=["f32", "bf16"], choices=list(DTYPES))
+    p.add_argument("--hidden", type=int, default=0,
+                   help="also time linear_cross_entropy with this hidden size D")
+    p.add_argument("--repeat", type=int, default=5)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    lx.set_num_threads(a.threads)
+    print(f"torch {torch.__version__}, {a.threads} threads, {lx.cpu_info()['isa']}, "
+          f"median of {a.repeat} (ms, forward+backward)")
+    for shape in a.shapes:
+        N, V = (int(s) for s in shape.split("x"))
+        for name in a.dtypes:
+            r = cross_entropy_cases(N, V, DTYPES[name], a.repeat)
+            ours = r["lmxent.torch"]
+            line = ", ".join(f"{k} {v:.1f}" for k, v in r.items())
+            print(f"{shape} {name}: {line}")
+            print(f"    speed-up vs F.cross_entropy {r['F.cross_entropy'] / ours:.1f}x, vs "
+                  f"compiled {r['compiled F.cross_entropy'] / ours:.1f}x, adapter overhead "
+                  f"{100 * (ours / r['lmxent NumPy'] - 1):+.1f}%")
+            if a.hidden:
+                r = linear_cases(N, a.hidden, V, DTYPES[name], a.repeat)
+                print(f"    D={a.hidden}: " + ", ".join(f"{k} {v:.1f}" for k, v in r.items()))
+
+
+if __name__ == "__main__":
+    main()
