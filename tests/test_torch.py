@@ -150,6 +150,19 @@ def test_backward_twice_with_retain_graph(gen):
     close(x.grad, 3 * first)
 
 
+def test_backward_hands_on_the_fused_gradient(gen):
+    # loss.backward() adds no pass over the logits: no zero-filled gradients for the
+    # extra outputs, no scaling by 1.0, no copy into .grad
+    x = randn(gen, 8, 50, dtype=torch.float32, requires_grad=True)
+    t = ids(gen, (8,), 50)
+    loss = lt.cross_entropy(x, t)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        loss.backward()
+    logits_sized = {e.name for e in prof.events() if [8, 50] in e.input_shapes}
+    assert not logits_sized & {"aten::fill_", "aten::zero_", "aten::mul", "aten::copy_"}
+    close(x.grad, torch.autograd.grad(F.cross_entropy(x, t), x)[0], rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_linear_cross_entropy_matches_torch(gen, dtype, reduction):
