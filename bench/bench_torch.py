@@ -18,14 +18,18 @@ import lmxent.torch as lt
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
 
 
-def median_ms(cases, repeat):
+def median_ms(cases, repeat, leaves):
     """{name: median ms} of the functions in `cases`, run in turn (a shared machine's
-    load drifts: interleaving spreads it over all of them)."""
+    load drifts: interleaving spreads it over all of them). The leaves' .grad are
+    dropped before each timed run: freeing the previous case's gradient (an munmap
+    of torch's allocation) would otherwise be charged to the next case."""
     for fn in cases.values():
         fn()  # warm-up (and compilation)
     times = {name: [] for name in cases}
     for _ in range(repeat):
         for name, fn in cases.items():
+            for leaf in leaves:
+                leaf.grad = None
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
@@ -33,10 +37,7 @@ def median_ms(cases, repeat):
 
 
 def fwd_bwd(loss_fn, x, t):
-    def run():
-        x.grad = None
-        loss_fn(x, t).backward()
-    return run
+    return lambda: loss_fn(x, t).backward()
 
 
 def cross_entropy_cases(N, V, dtype, repeat):
@@ -50,7 +51,7 @@ def cross_entropy_cases(N, V, dtype, repeat):
         "lmxent NumPy": lambda: lx.cross_entropy_with_grad(xa, ta),
         "F.cross_entropy": fwd_bwd(F.cross_entropy, x, t),
         "compiled F.cross_entropy": fwd_bwd(compiled, x, t),
-    }, repeat)
+    }, repeat, [x])
 
 
 def linear_cases(N, D, V, dtype, repeat):
@@ -60,17 +61,14 @@ def linear_cases(N, D, V, dtype, repeat):
     t = torch.randint(0, V, (N,), generator=g)
 
     def run(fn):
-        def go():
-            h.grad = w.grad = None
-            fn(h, w, t).backward()
-        return go
+        return lambda: fn(h, w, t).backward()
 
     opts = torch.nn.LinearCrossEntropyOptions()
     return median_ms({
         "lmxent.torch.linear_cross_entropy": run(lt.linear_cross_entropy),
         "F.linear_cross_entropy(options)": run(
             lambda h, w, t: F.linear_cross_entropy(h, w, t, options=opts)),
-    }, repeat)
+    }, repeat, [h, w])
 
 
 def main():

@@ -494,6 +494,38 @@ def test_cuda_dispatch_on_a_stand_in(monkeypatch, gen, dtype):
     close(g, want_g)
 
 
+def _real_cuda():
+    if not torch.cuda.is_available():
+        return "torch sees no GPU"
+    try:
+        import cupy  # noqa: F401
+        from lmxent import _cuda  # noqa: F401
+    except ImportError as e:
+        return f"CuPy or lmxent's CUDA build missing: {e}"
+    return None
+
+
+@pytest.mark.skipif(_real_cuda() is not None, reason=str(_real_cuda()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_tensors_match_cpu(gen, dtype):
+    x = randn(gen, 64, 1000, dtype=dtype, requires_grad=True)
+    t = ids(gen, (64,), 1000)
+    xc = x.detach().cuda().requires_grad_()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):  # torch's current stream, not the default one
+        for reduction in ("mean", "none"):
+            got = lt.cross_entropy(xc, t.cuda(), reduction=reduction, label_smoothing=0.1)
+            want = lt.cross_entropy(x, t, reduction=reduction, label_smoothing=0.1)
+            (g,) = torch.autograd.grad(got.sum(), xc)
+            (gw,) = torch.autograd.grad(want.sum(), x)
+            close(got.cpu(), want, rtol=1e-5, atol=1e-6)
+            close(g.cpu().float(), gw.float(), rtol=1e-2, atol=1e-5)
+        h = randn(gen, 64, 32, dtype=dtype, scale=1.0).cuda()
+        w = randn(gen, 1000, 32, dtype=dtype, scale=0.2).cuda()
+        close(lt.linear_cross_entropy(h, w, t.cuda()).cpu(),
+              lt.linear_cross_entropy(h.cpu(), w.cpu(), t), rtol=1e-3, atol=1e-5)
+
+
 # ----------------------------------------------------------- training loops
 
 class TinyDecoder(torch.nn.Module):
