@@ -6,14 +6,16 @@ F.linear_cross_entropy. Medians of --repeat timed runs after one warm-up run.
     python bench/bench_torch.py --threads 2 --shapes 4096x32000 --dtypes f32 bf16
 """
 import argparse
+import resource
 import statistics
+import subprocess
+import sys
 import time
-
-import torch
-import torch.nn.functional as F
 
 import lmxent as lx
 import lmxent.torch as lt
+import torch
+import torch.nn.functional as F
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
 
@@ -54,21 +56,39 @@ def cross_entropy_cases(N, V, dtype, repeat):
     }, repeat, [x])
 
 
-def linear_cases(N, D, V, dtype, repeat):
+LINEAR = {
+    "lmxent.torch.linear_cross_entropy": lt.linear_cross_entropy,
+    "F.linear_cross_entropy(options)": lambda h, w, t: F.linear_cross_entropy(
+        h, w, t, options=torch.nn.LinearCrossEntropyOptions()),
+}
+
+
+def linear_problem(N, D, V, dtype):
     g = torch.Generator().manual_seed(0)
     h = (torch.randn(N, D, generator=g)).to(dtype).requires_grad_()
     w = (torch.randn(V, D, generator=g) / D**0.5).to(dtype).requires_grad_()
-    t = torch.randint(0, V, (N,), generator=g)
+    return h, w, torch.randint(0, V, (N,), generator=g)
 
-    def run(fn):
-        return lambda: fn(h, w, t).backward()
 
-    opts = torch.nn.LinearCrossEntropyOptions()
-    return median_ms({
-        "lmxent.torch.linear_cross_entropy": run(lt.linear_cross_entropy),
-        "F.linear_cross_entropy(options)": run(
-            lambda h, w, t: F.linear_cross_entropy(h, w, t, options=opts)),
-    }, repeat, [h, w])
+def linear_cases(N, D, V, dtype, repeat):
+    h, w, t = linear_problem(N, D, V, dtype)
+    return median_ms({name: (lambda fn=fn: fn(h, w, t).backward())
+                      for name, fn in LINEAR.items()}, repeat, [h, w])
+
+
+def peak_mb(name, N, D, V, dtype_name):
+    """Peak memory (MB of resident set above the inputs) of one forward+backward of a
+    LINEAR case, measured in a fresh process (ru_maxrss is a high-water mark)."""
+    out = subprocess.run([sys.executable, __file__, "--peak-of", name, str(N), str(D), str(V),
+                          dtype_name], capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
+
+
+def _print_peak(name, N, D, V, dtype_name):
+    h, w, t = linear_problem(int(N), int(D), int(V), DTYPES[dtype_name])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    LINEAR[name](h, w, t).backward()
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
 
 
 def main():
@@ -79,7 +99,11 @@ def main():
     p.add_argument("--hidden", type=int, default=0,
                    help="also time linear_cross_entropy with this hidden size D")
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--linear-only", action="store_true", help="skip the cross-entropy cases")
+    p.add_argument("--peak-of", nargs=5, help=argparse.SUPPRESS)  # the child of peak_mb
     a = p.parse_args()
+    if a.peak_of:
+        return _print_peak(*a.peak_of)
     torch.set_num_threads(a.threads)
     lx.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {a.threads} threads, {lx.cpu_info()['isa']}, "
@@ -87,16 +111,19 @@ def main():
     for shape in a.shapes:
         N, V = (int(s) for s in shape.split("x"))
         for name in a.dtypes:
-            r = cross_entropy_cases(N, V, DTYPES[name], a.repeat)
-            ours = r["lmxent.torch"]
+            r = cross_entropy_cases(N, V, DTYPES[name], a.repeat) if not a.linear_only else {}
+            ours = r.get("lmxent.torch")
             line = ", ".join(f"{k} {v:.1f}" for k, v in r.items())
             print(f"{shape} {name}: {line}")
-            print(f"    speed-up vs F.cross_entropy {r['F.cross_entropy'] / ours:.1f}x, vs "
-                  f"compiled {r['compiled F.cross_entropy'] / ours:.1f}x, adapter overhead "
-                  f"{100 * (ours / r['lmxent NumPy'] - 1):+.1f}%")
+            if ours:
+                print(f"    speed-up vs F.cross_entropy {r['F.cross_entropy'] / ours:.1f}x, "
+                      f"vs compiled {r['compiled F.cross_entropy'] / ours:.1f}x, adapter "
+                      f"overhead {100 * (ours / r['lmxent NumPy'] - 1):+.1f}%")
             if a.hidden:
                 r = linear_cases(N, a.hidden, V, DTYPES[name], a.repeat)
-                print(f"    D={a.hidden}: " + ", ".join(f"{k} {v:.1f}" for k, v in r.items()))
+                print(f"    D={a.hidden}: " + ", ".join(
+                    f"{k} {v:.1f} ms, peak {peak_mb(k, N, a.hidden, V, name):.0f} MB"
+                    for k, v in r.items()))
 
 
 if __name__ == "__main__":

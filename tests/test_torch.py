@@ -12,9 +12,9 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-import lmxent as lx  # noqa: E402
-import lmxent.torch as lt  # noqa: E402
-from lmxent.torch import _bridge as B  # noqa: E402
+import lmxent as lx
+import lmxent.torch as lt
+from lmxent.torch import _bridge as B
 
 BF16_OK = lx.bfloat16_dtype() is not None
 needs_bf16 = pytest.mark.skipif(not BF16_OK, reason="ml_dtypes is not installed")
@@ -171,10 +171,10 @@ def test_linear_cross_entropy_matches_torch(gen, dtype, reduction):
     w = randn(gen, V, D, dtype=dtype, scale=0.5, requires_grad=True)
     b = randn(gen, V, dtype=dtype, scale=0.5, requires_grad=True)
     t = ids(gen, (1, N), V)
-    opts = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
+    opts = {"reduction": reduction, "label_smoothing": 0.1, "z_loss": 1e-3}
     loss = lt.linear_cross_entropy(h, w, t, bias=b, chunk_size=4, **opts)
     want = torch_ce(h @ w.T + b, t, **opts)
-    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-6)
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 1e-6}
     close(loss, want, **tol)
     up = torch.rand(t.shape, generator=gen, dtype=dtype) if reduction == "none" else 0.5
     got = torch.autograd.grad((loss * up).sum(), (h, w, b))
@@ -607,7 +607,7 @@ def test_llama_loss_function(gen, items):
     input_ids = torch.randint(0, 96, (2, 12), generator=gen)
     labels = input_ids.clone()
     labels[0, :3] = -100
-    kw = dict(input_ids=input_ids, labels=labels)
+    kw = {"input_ids": input_ids, "labels": labels}
     if items is not None:
         kw["num_items_in_batch"] = torch.tensor(23) if items == "tensor" else items
     want, want_g = _loss_and_grads(model, **kw)

@@ -16,26 +16,30 @@ import numbers
 
 import torch
 
-from . import _ops  # noqa: F401 -- registers torch.ops.lmxent.*
 from lmxent import TokenStats
+
+from . import _ops  # noqa: F401 -- registers torch.ops.lmxent.*
 
 _CE_REDUCTIONS = ("none", "mean", "sum")
 
 
-def _float(value, name, allow_none=False):
+def _number(value, name, kind, allow_none):
+    """value as a Python float (kind numbers.Real) or int (numbers.Integral), for the
+    ops' schema; a TypeError naming the argument otherwise."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    return float(value)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        what = "an integer" if kind is numbers.Integral else "a real number"
+        raise TypeError(f"{name} must be {what}, got {value!r}")
+    return int(value) if kind is numbers.Integral else float(value)
+
+
+def _float(value, name, allow_none=False):
+    return _number(value, name, numbers.Real, allow_none)
 
 
 def _int(value, name, allow_none=False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    return int(value)
+    return _number(value, name, numbers.Integral, allow_none)
 
 
 def _needs_grad(t):
@@ -163,9 +167,9 @@ class CrossEntropyLoss(torch.nn.Module):
                  label_smoothing=0.0, z_loss=0.0, softcap=None, logit_scale=1.0):
         super().__init__()
         self.register_buffer("weight", weight)
-        self.options = dict(ignore_index=ignore_index, reduction=reduction,
-                            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-                            logit_scale=logit_scale)
+        self.options = {"ignore_index": ignore_index, "reduction": reduction,
+                        "label_smoothing": label_smoothing, "z_loss": z_loss,
+                        "softcap": softcap, "logit_scale": logit_scale}
         _ce_args(normalizer=None, **self.options)  # bad options fail here, not at the call
 
     def forward(self, logits, targets, normalizer=None):
@@ -187,8 +191,20 @@ class LinearCrossEntropyLoss(CrossEntropyLoss):
                                     **self.options)
 
 
-from ._hf import causal_lm_head_loss, causal_lm_loss  # noqa: E402 -- uses the above
+# last: _hf calls the functions above
+from ._hf import causal_lm_head_loss, causal_lm_loss
 
-__all__ = ["cross_entropy", "linear_cross_entropy", "kl_divergence", "log_softmax",
-           "softmax", "logsumexp", "token_stats", "TokenStats", "CrossEntropyLoss",
-           "LinearCrossEntropyLoss", "causal_lm_loss", "causal_lm_head_loss"]
+__all__ = [
+    "CrossEntropyLoss",
+    "LinearCrossEntropyLoss",
+    "TokenStats",
+    "causal_lm_head_loss",
+    "causal_lm_loss",
+    "cross_entropy",
+    "kl_divergence",
+    "linear_cross_entropy",
+    "log_softmax",
+    "logsumexp",
+    "softmax",
+    "token_stats",
+]

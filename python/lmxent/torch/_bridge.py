@@ -82,9 +82,8 @@ def on_device_of(t):
         yield
         return
     cupy = _cuda_module()
-    with cupy.cuda.Device(t.device.index):
-        with cupy.cuda.ExternalStream(_current_stream(t.device)):
-            yield
+    with cupy.cuda.Device(t.device.index), cupy.cuda.ExternalStream(_current_stream(t.device)):
+        yield
 
 
 def call(fn, main, *args, **kwargs):

@@ -13,7 +13,6 @@ forward cannot know: cross_entropy then saves the LSE and its backward is one pa
 of lx.cross_entropy_backward; linear_cross_entropy and kl_divergence compute the
 loss only and recompute with the upstream gradient in the backward (the LM head's
 weight gradient sums over tokens, so saved gradients could not be rescaled)."""
-from typing import Optional
 
 import torch
 
@@ -36,9 +35,9 @@ def _none(like):
 
 def _ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale,
                 normalizer):
-    return dict(ignore_index=ignore_index, reduction=reduction,
-                label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-                logit_scale=logit_scale, normalizer=normalizer)
+    return {"ignore_index": ignore_index, "reduction": reduction,
+                "label_smoothing": label_smoothing, "z_loss": z_loss, "softcap": softcap,
+                "logit_scale": logit_scale, "normalizer": normalizer}
 
 
 def scaled(t, g):
@@ -67,9 +66,9 @@ def _no_backward(name):
 # ------------------------------------------------------------------ cross_entropy
 
 @torch.library.custom_op("lmxent::cross_entropy", mutates_args=())
-def _cross_entropy(logits: Tensor, targets: Tensor, weight: Optional[Tensor],
+def _cross_entropy(logits: Tensor, targets: Tensor, weight: Tensor | None,
                    ignore_index: int, reduction: str, label_smoothing: float, z_loss: float,
-                   softcap: Optional[float], logit_scale: float, normalizer: Optional[float],
+                   softcap: float | None, logit_scale: float, normalizer: float | None,
                    with_grad: bool, with_lse: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, LSE or empty, d loss / d logits or empty)."""
     opts = _ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale,
@@ -99,7 +98,7 @@ def _(logits, targets, weight, ignore_index, reduction, label_smoothing, z_loss,
 def _ce_setup(ctx, inputs, output):
     logits, targets, weight = inputs[:3]
     ctx.opts, ctx.with_grad = inputs[3:10], inputs[10]
-    loss, lse, grad = output
+    _loss, lse, grad = output
     _extra_outputs(ctx, lse, grad)
     ctx.has_lse = lse.numel() > 0 or logits.numel() == 0
     # only what the backward reads: with the fused gradient the logits may be freed
@@ -125,9 +124,9 @@ _cross_entropy.register_autograd(_ce_backward, setup_context=_ce_setup)
 
 @torch.library.custom_op("lmxent::cross_entropy_backward", mutates_args=())
 def _cross_entropy_backward(logits: Tensor, targets: Tensor, lse: Tensor, grad_output: Tensor,
-                            weight: Optional[Tensor], ignore_index: int, reduction: str,
-                            label_smoothing: float, z_loss: float, softcap: Optional[float],
-                            logit_scale: float, normalizer: Optional[float]) -> Tensor:
+                            weight: Tensor | None, ignore_index: int, reduction: str,
+                            label_smoothing: float, z_loss: float, softcap: float | None,
+                            logit_scale: float, normalizer: float | None) -> Tensor:
     """d loss / d logits * grad_output from the forward's LSE (one pass)."""
     opts = _ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale,
                        normalizer)
@@ -144,11 +143,11 @@ def _(logits, *args):
 
 @torch.library.custom_op("lmxent::linear_cross_entropy", mutates_args=())
 def _linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor,
-                          bias: Optional[Tensor], class_weight: Optional[Tensor],
+                          bias: Tensor | None, class_weight: Tensor | None,
                           ignore_index: int, reduction: str, label_smoothing: float,
-                          z_loss: float, softcap: Optional[float], logit_scale: float,
-                          normalizer: Optional[float], chunk_size: Optional[int],
-                          memory_budget: Optional[int], grad_output: Optional[Tensor],
+                          z_loss: float, softcap: float | None, logit_scale: float,
+                          normalizer: float | None, chunk_size: int | None,
+                          memory_budget: int | None, grad_output: Tensor | None,
                           with_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss, d_hidden, d_weight, d_bias), the gradients of loss * grad_output (1 when
     None), empty without with_grad (d_bias also without a bias)."""
@@ -203,7 +202,7 @@ _linear_cross_entropy.register_autograd(_lce_backward, setup_context=_lce_setup)
 
 @torch.library.custom_op("lmxent::kl_divergence", mutates_args=())
 def _kl_divergence(student: Tensor, teacher: Tensor, temperature: float, direction: str,
-                   reduction: str, mask: Optional[Tensor], grad_output: Optional[Tensor],
+                   reduction: str, mask: Tensor | None, grad_output: Tensor | None,
                    with_grad: bool) -> tuple[Tensor, Tensor]:
     """(loss, d loss / d student * grad_output (1 when None), or empty)."""
     r = B.call(lx.kl_divergence, student, student, teacher, temperature=temperature,
