@@ -321,6 +321,10 @@ def test_bad_arguments_name_themselves(gen):
         lt.kl_divergence(x, x * 2)
     with pytest.raises(ValueError, match="targets"):  # lmxent's own check, through the op
         lt.cross_entropy(x, torch.tensor([0, 1, 9]))
+    bare, _, _ = torch.ops.lmxent.cross_entropy(x, t, None, -100, "mean", 0.0, 0.0, None, 1.0,
+                                                None, False, False)  # neither LSE nor gradient
+    with pytest.raises(RuntimeError, match="call lmxent.torch.cross_entropy"):
+        bare.backward()
 
 
 def test_modules(gen):

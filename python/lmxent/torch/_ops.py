@@ -100,7 +100,7 @@ def _ce_setup(ctx, inputs, output):
     ctx.opts, ctx.with_grad = inputs[3:10], inputs[10]
     _loss, lse, grad = output
     _extra_outputs(ctx, lse, grad)
-    ctx.has_lse = lse.numel() > 0 or logits.numel() == 0
+    ctx.has_lse = inputs[11] and not ctx.with_grad
     # only what the backward reads: with the fused gradient the logits may be freed
     ctx.save_for_backward(*((grad,) if ctx.with_grad else (logits, targets, weight, lse)))
 
