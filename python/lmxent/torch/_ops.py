@@ -36,8 +36,8 @@ def _none(like):
 def _ce_options(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale,
                 normalizer):
     return {"ignore_index": ignore_index, "reduction": reduction,
-                "label_smoothing": label_smoothing, "z_loss": z_loss, "softcap": softcap,
-                "logit_scale": logit_scale, "normalizer": normalizer}
+            "label_smoothing": label_smoothing, "z_loss": z_loss, "softcap": softcap,
+            "logit_scale": logit_scale, "normalizer": normalizer}
 
 
 def scaled(t, g):
