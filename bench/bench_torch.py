@@ -13,10 +13,11 @@ import sys
 import threading
 import time
 
-import lmxent as lx
-import lmxent.torch as lt
 import torch
 import torch.nn.functional as F
+
+import lmxent as lx
+import lmxent.torch as lt
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
 

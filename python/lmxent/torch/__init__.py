@@ -192,7 +192,7 @@ class LinearCrossEntropyLoss(CrossEntropyLoss):
 
 
 # last: _hf calls the functions above
-from ._hf import causal_lm_head_loss, causal_lm_loss
+from ._hf import causal_lm_head_loss, causal_lm_loss  # noqa: E402
 
 __all__ = [
     "CrossEntropyLoss",
