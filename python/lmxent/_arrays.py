@@ -41,7 +41,7 @@ def _is_cupy(x):
 
 def array_module(x):
     """numpy or cupy: the array library of x (Python-level code is written once
-    against it, DESIGN principle 5)."""
+    against it: docs/design.md, principle 5)."""
     if _is_cupy(x):
         import cupy
         return cupy

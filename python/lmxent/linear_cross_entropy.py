@@ -24,7 +24,7 @@ to float32 once (V x D x 4 bytes) and d_weight is accumulated in float32 (anothe
 V x D x 4 bytes) before the cast to the input dtype, as are d_hidden and d_bias
 (accumulating 16-bit gradients over chunks is a known source of divergence).
 
-Written once against the input's array module (numpy or cupy; DESIGN principle 5).
+Written once against the input's array module (numpy or cupy; docs/design.md, principle 5).
 The one host synchronisation is for the "mean" denominator and target validation,
 before the first chunk.
 """

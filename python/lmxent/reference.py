@@ -425,3 +425,369 @@ def linear_target_logprobs(hidden, weight, targets, *, bias=None, ignore_index=-
                               ignore_index=ignore_index, reduction="none", softcap=softcap,
                               logit_scale=logit_scale, return_lse=True)
     return 0.0 - loss, lse  # loss = lse - z[target], 0 for ignored tokens
+
+
+# ---------------------------------------------------------------------------
+# Decoding (issue 17; docs/decoding.md): logit processing, sampling, top-k and beam
+# search. Row-by-row float64 NumPy that the kernels are checked against exactly
+# (up to uniforms within rounding of a boundary). Rows are logits.shape[:-1]; every
+# per-row parameter is a scalar or an array of that shape. Results are float64
+# (float64 logits, log-probabilities and scores) and int64 (ids, ranks, lengths).
+
+from collections import namedtuple  # noqa: E402
+
+from . import _philox  # noqa: E402
+
+Samples = namedtuple("Samples", "tokens logprob rank top_ids top_logprobs")
+Beams = namedtuple("Beams", "sequences scores lengths")
+
+__all__ += ["Samples", "Beams", "process_logits", "sample", "top_k", "beam_search_step",
+            "beam_search"]
+
+_LOGPROBS_OF = ("raw", "processed")
+
+
+def _is_int(v):
+    """A Python or NumPy integer, not a bool (an int subclass, but surely a mistake)."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _check_rows_shape(a, name, lead):
+    if a.shape not in ((), lead):
+        raise ValueError(f"{name} must be a scalar or have the rows' shape {lead}, "
+                         f"got shape {a.shape}")
+
+
+def _per_row(value, name, lead, off, integer=False):
+    """`value` (None means `off`) as an array of the rows' shape `lead`: int64 ids/counts
+    when `integer`, else float64. A scalar applies to every row."""
+    a = np.asarray(off if value is None else value)
+    if a.dtype == bool or not (np.issubdtype(a.dtype, np.integer) or
+                               (not integer and np.issubdtype(a.dtype, np.floating))):
+        kind = "integers" if integer else "real numbers"
+        raise TypeError(f"{name} must be {kind}, got {value!r}")
+    _check_rows_shape(a, name, lead)
+    return np.broadcast_to(a.astype(np.int64 if integer else np.float64), lead)
+
+
+def _require(ok, name, rule, values):
+    """Raise ValueError naming the first row (flat index) where `ok` is False."""
+    ok, values = np.ravel(ok), np.ravel(values)
+    if not ok.all():
+        r = int(np.argmin(ok))
+        raise ValueError(f"{name} must be {rule}, got {values[r]} (row {r})")
+
+
+def _uint64_per_row(value, name, lead):
+    """Seeds and offsets: integers in [0, 2**64), scalar or one per row."""
+    a = np.asarray(value)
+    wide = a.dtype == object and all(_is_int(v) for v in a.ravel())  # beyond 64 bits
+    if not wide and (a.dtype == bool or not np.issubdtype(a.dtype, np.integer)):
+        raise TypeError(f"{name} must be integers, got {value!r}")
+    if wide or (np.issubdtype(a.dtype, np.signedinteger) and (a < 0).any()):
+        raise ValueError(f"{name} must be integers in [0, 2**64), got {value!r}")
+    _check_rows_shape(a, name, lead)
+    return a.astype(np.uint64)
+
+
+def _bias(logit_bias, lead, V):
+    """The logit bias as float64 (V,) or lead + (V,); sparse {id: bias} -> dense (V,)."""
+    if isinstance(logit_bias, dict):
+        b = np.zeros(V)
+        for i, v in logit_bias.items():
+            if not (_is_int(i) and 0 <= i < V):
+                raise ValueError(f"logit_bias ids must be integers in [0, {V}), got {i!r}")
+            b[i] = v
+    else:
+        b = np.asarray(logit_bias, dtype=np.float64)
+        if b.shape not in ((V,), lead + (V,)):
+            raise ValueError(f"dense logit_bias must have shape ({V},) or {lead + (V,)}, "
+                             f"got {b.shape}")
+    if (np.isnan(b) | (b == np.inf)).any():
+        raise ValueError("logit_bias values must be finite or -inf (a ban)")
+    return b
+
+
+def _history_counts(prev_tokens, lead, V):
+    """counts[..., j] = how often id j occurs in prev_tokens (lead + (L,), -1 = padding)."""
+    t = np.asarray(prev_tokens)
+    if not np.issubdtype(t.dtype, np.integer) or t.dtype == bool:
+        raise TypeError(f"prev_tokens must be an integer array, got dtype {t.dtype}")
+    if t.ndim != len(lead) + 1 or t.shape[:-1] != lead:
+        raise ValueError(f"prev_tokens must have shape {lead} + (L,), got {t.shape}")
+    bad = (t < -1) | (t >= V)
+    if bad.any():
+        pos = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"prev_tokens[{pos}] = {t[pos]} is not a token id in [0, {V}) "
+                         f"or -1 (padding)")
+    counts = np.zeros(lead + (V,), dtype=np.int64)
+    for s in np.ndindex(lead):
+        for tok in t[s]:
+            if tok >= 0:
+                counts[s + (tok,)] += 1
+    return counts
+
+
+def _top_p_keep(x, top_p):
+    """Top-p of one row of logits: keep token j iff the probability mass of the tokens
+    strictly more likely than j is < top_p. This is the notebook's top_p_filter (walk
+    in descending probability, keep each token whose preceding mass is < top_p, so the
+    token that crosses the threshold is kept) plus every token tied with the last one
+    kept. The mass is a float64 cumulative sum in descending order of probability."""
+    p = np.exp(x - np.max(x))
+    p /= p.sum()
+    desc = np.sort(p)[::-1]
+    cum = np.cumsum(desc)
+    n_above = np.searchsorted(-desc, -p, side="left")  # tokens with a larger probability
+    mass_above = np.where(n_above > 0, cum[np.maximum(n_above - 1, 0)], 0.0)
+    return mass_above < top_p
+
+
+def _process(logits, temperature, logit_bias, top_k, top_p, min_p, repetition_penalty,
+             presence_penalty, frequency_penalty, prev_tokens):
+    """Validate; return (processed float64 logits, NaN-row mask) of process_logits."""
+    x = np.array(logits, dtype=np.float64)  # a copy: processed in place below
+    if x.ndim < 1 or x.shape[-1] < 1:
+        raise ValueError(f"logits must have a vocabulary axis of length >= 1, got shape {x.shape}")
+    lead, V = x.shape[:-1], x.shape[-1]
+    T = _per_row(temperature, "temperature", lead, 1.0)
+    _require((T >= 0) & np.isfinite(T), "temperature", ">= 0 and finite (0 = greedy)", T)
+    k = _per_row(top_k, "top_k", lead, 0, integer=True)
+    _require(k >= 0, "top_k", ">= 0 (0 = off)", k)
+    p = _per_row(top_p, "top_p", lead, 1.0)
+    _require((p > 0) & (p <= 1), "top_p", "in (0, 1] (1 = off)", p)
+    mp = _per_row(min_p, "min_p", lead, 0.0)
+    _require((mp >= 0) & (mp <= 1), "min_p", "in [0, 1] (0 = off)", mp)
+    rp = _per_row(repetition_penalty, "repetition_penalty", lead, 1.0)
+    _require((rp > 0) & np.isfinite(rp), "repetition_penalty", "positive and finite (1 = off)", rp)
+    pres = _per_row(presence_penalty, "presence_penalty", lead, 0.0)
+    _require(np.isfinite(pres), "presence_penalty", "finite", pres)
+    freq = _per_row(frequency_penalty, "frequency_penalty", lead, 0.0)
+    _require(np.isfinite(freq), "frequency_penalty", "finite", freq)
+
+    if logit_bias is not None:
+        with np.errstate(invalid="ignore"):  # +inf logit + -inf bias: a NaN row
+            x += _bias(logit_bias, lead, V)
+    penalised = (rp != 1) | (pres != 0) | (freq != 0)
+    if prev_tokens is None and penalised.any():
+        raise ValueError("repetition, presence and frequency penalties need prev_tokens")
+    if prev_tokens is not None:
+        counts = _history_counts(prev_tokens, lead, V)
+        seen = counts > 0
+        r = rp[..., None]
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow: a NaN row below
+            x = np.where(seen, np.where(x < 0, x * r, x / r), x)  # HF: each distinct id once
+            x = x - pres[..., None] * seen - freq[..., None] * counts  # OpenAI
+    nan_row = np.zeros(lead, dtype=bool)
+    for s in np.ndindex(lead):
+        row = x[s]
+        if T[s] == 0:  # greedy: only the first argmax stays, with its logit
+            row[np.arange(V) != np.argmax(row)] = -np.inf
+        else:
+            with np.errstate(over="ignore"):
+                row /= T[s]
+        # no distribution: a NaN or +inf logit, or one that overflowed on the way here
+        nan_row[s] = np.isnan(row).any() or (row == np.inf).any()
+        if nan_row[s] or np.max(row) == -np.inf:
+            continue  # NaN rows become NaN below; nothing to remove from all -inf
+        if 0 < k[s] < V:
+            row[row < np.sort(row)[::-1][k[s] - 1]] = -np.inf  # ties with the k-th stay
+        if p[s] < 1:
+            row[~_top_p_keep(row, p[s])] = -np.inf
+        if mp[s] > 0:
+            row[np.exp(row - np.max(row)) < mp[s]] = -np.inf  # p_j < min_p * max p
+    x[nan_row] = np.nan
+    return x, nan_row
+
+
+def process_logits(logits, *, temperature=1.0, logit_bias=None, top_k=None, top_p=None,
+                   min_p=None, repetition_penalty=None, presence_penalty=0.0,
+                   frequency_penalty=0.0, prev_tokens=None):
+    """The decoding distribution's logits: removed entries -inf, the rest transformed.
+
+    In order, each step on the output of the previous one (HF transformers' order):
+    logit_bias (dense (V,) or rows + (V,), or sparse {id: bias} for every row) is added;
+    for each distinct id in prev_tokens (rows + (L,), -1 = padding) the repetition
+    penalty divides a positive logit and multiplies a negative one (HF), then
+    presence_penalty + frequency_penalty * count is subtracted (OpenAI); the logits are
+    divided by temperature, or for temperature 0 only the first argmax is kept
+    (unscaled); top_k keeps every entry >= the k-th largest; top_p keeps the tokens
+    whose strictly-more-likely mass is < top_p (see _top_p_keep); min_p keeps
+    p >= min_p * max p, computed as exp(z - max z) >= min_p. "Off": top_k None/0,
+    top_p None/1, min_p None/0, repetition_penalty None/1, penalties 0. A row with a
+    NaN or +inf after the temperature step (a NaN or +inf logit, or an overflow of
+    the penalties or of logits / temperature) has no distribution: it is all NaN."""
+    return _process(logits, temperature, logit_bias, top_k, top_p, min_p,
+                    repetition_penalty, presence_penalty, frequency_penalty, prev_tokens)[0]
+
+
+def top_k(x, k, axis=-1):
+    """(values, indices) of the k largest entries along `axis`, descending, like
+    torch.topk: NaN counts as larger than any number; ties in the lower index first
+    (torch leaves the order of ties unspecified)."""
+    x = np.moveaxis(np.asarray(x, dtype=np.float64), axis, -1)
+    if not (_is_int(k) and 0 <= k <= x.shape[-1]):
+        raise ValueError(f"k must be an integer in [0, {x.shape[-1]}], got {k!r}")
+    nan = np.isnan(x)
+    order = np.lexsort((np.where(nan, 0.0, -x), ~nan), axis=-1)[..., :k]  # stable
+    values = np.take_along_axis(x, order, -1)
+    return np.moveaxis(values, -1, axis), np.moveaxis(order, -1, axis)
+
+
+def _top_logprobs(z, logp, n):
+    """The n most likely entries of each row of z (ids -1 and log-probabilities -inf past
+    the row's finite entries; NaN where the row's log-probabilities are NaN)."""
+    lead, V = z.shape[:-1], z.shape[-1]
+    ids = np.full(lead + (n,), -1, dtype=np.int64)
+    lps = np.full(lead + (n,), -np.inf)
+    m = min(n, V)
+    _, idx = top_k(z, m)
+    vals = np.take_along_axis(logp, idx, -1)
+    alive = vals > -np.inf
+    ids[..., :m] = np.where(alive, idx, -1)
+    lps[..., :m] = np.where(alive, vals, -np.inf)
+    nan = np.any(np.isnan(logp), axis=-1)
+    lps[nan] = np.nan
+    return ids, lps
+
+
+def sample(logits, *, temperature=1.0, logit_bias=None, top_k=None, top_p=None, min_p=None,
+           repetition_penalty=None, presence_penalty=0.0, frequency_penalty=0.0,
+           prev_tokens=None, seed=0, offset=0, num_logprobs=0, logprobs_of="raw"):
+    """Draw one token per row from process_logits(...)'s distribution -> Samples.
+
+    Row r (flat index over the rows) takes u_r = the Philox-4x32-10 uniform of
+    (seed_r, offset_r) (lmxent._philox: 53 bits, [0, 1)); a scalar offset o means
+    offset_r = (o + r) mod 2**64. With w_j = exp(y_j - max y) of the processed logits y
+    and C_j = w_0 + ... + w_j (float64, vocabulary order), the token is the first j with
+    C_j > u_r * C_{V-1} (the last j with w_j > 0 if rounding leaves none). A row with no
+    distribution (NaN, or every entry -inf) gives token -1, logprob NaN and rank -1.
+
+    logprob, rank (#{j: z_j > z_t} + #{j < t: z_j == z_t}, 0 = argmax) and the
+    num_logprobs most likely (top_ids, top_logprobs; descending, ties lower id first;
+    -1 and -inf past the finite entries, NaN logprobs for a NaN row) are of the raw
+    logits z (logprobs_of="raw") or the processed ones ("processed")."""
+    if logprobs_of not in _LOGPROBS_OF:
+        raise ValueError(f"logprobs_of must be one of {_LOGPROBS_OF}, got {logprobs_of!r}")
+    if not (_is_int(num_logprobs) and num_logprobs >= 0):
+        raise ValueError(f"num_logprobs must be an integer >= 0, got {num_logprobs!r}")
+    y, nan_row = _process(logits, temperature, logit_bias, top_k, top_p, min_p,
+                          repetition_penalty, presence_penalty, frequency_penalty,
+                          prev_tokens)
+    lead, V = y.shape[:-1], y.shape[-1]
+    seeds = _uint64_per_row(seed, "seed", lead)
+    offsets = _uint64_per_row(offset, "offset", lead)
+    if offsets.shape == ():
+        rows = np.arange(int(np.prod(lead)), dtype=np.uint64).reshape(lead)
+        offsets = offsets + rows  # uint64: wraps mod 2**64
+    u = _philox.uniform(np.broadcast_to(seeds, lead), offsets)
+
+    tokens = np.full(lead, -1, dtype=np.int64)
+    for s in np.ndindex(lead):
+        row = y[s]
+        if nan_row[s] or np.max(row) == -np.inf:
+            continue
+        w = np.exp(row - np.max(row))
+        cum = np.cumsum(w)
+        above = np.nonzero(cum > u[s] * cum[-1])[0]
+        tokens[s] = above[0] if above.size else np.nonzero(w > 0)[0][-1]
+
+    z = np.asarray(logits, dtype=np.float64) if logprobs_of == "raw" else y
+    logp = _log_softmax_lse(z, 1.0)[0]
+    t = np.maximum(tokens, 0)[..., None]
+    zt = np.take_along_axis(z, t, -1)
+    rank = np.sum(z > zt, axis=-1) + np.sum((z == zt) & (np.arange(V) < t), axis=-1)
+    drawn = tokens >= 0
+    logprob = np.where(drawn, np.take_along_axis(logp, t, -1)[..., 0], np.nan)
+    top_ids, top_lps = _top_logprobs(z, logp, int(num_logprobs))
+    return Samples(tokens, logprob, np.where(drawn, rank, -1), top_ids, top_lps)
+
+
+def beam_search_step(scores, logprobs, beam_width, *, finished=None, eos_id=None):
+    """One step of beam search -> (new scores, parent beam, token), each (batch, beam_width).
+
+    Candidates: scores[b, i] + logprobs[b, i, v] for every beam i and token v; a finished
+    beam (finished[b, i]) instead gives the single candidate (its score, token eos_id):
+    it keeps its slot and its score (the notebook's convention), competing with the
+    extensions. The beam_width best candidates are chosen by top_k over the flattened
+    (beam, token) index, so ties go to the lower beam, then the lower token."""
+    s = np.asarray(scores, dtype=np.float64)
+    lp = np.asarray(logprobs, dtype=np.float64)
+    if s.ndim != 2 or lp.ndim != 3 or lp.shape[:2] != s.shape:
+        raise ValueError(f"need scores (batch, W) and logprobs (batch, W, V), got "
+                         f"{s.shape} and {lp.shape}")
+    batch, W, V = lp.shape
+    if not (_is_int(beam_width) and 1 <= beam_width <= W * V):
+        raise ValueError(f"beam_width must be an integer in [1, W * V = {W * V}], "
+                         f"got {beam_width!r}")
+    cand = s[..., None] + lp
+    if finished is not None:
+        fin = np.asarray(finished, dtype=bool)
+        if fin.shape != s.shape:
+            raise ValueError(f"finished must have shape {s.shape}, got {fin.shape}")
+        if fin.any():
+            if not (_is_int(eos_id) and 0 <= eos_id < V):
+                raise ValueError(f"eos_id must be a token id in [0, {V}) when a beam has "
+                                 f"finished, got {eos_id!r}")
+            only_eos = np.where(np.arange(V) == eos_id, s[..., None], -np.inf)
+            cand = np.where(fin[..., None], only_eos, cand)
+    new_scores, flat = top_k(cand.reshape(batch, W * V), int(beam_width))
+    return new_scores, flat // V, flat % V
+
+
+def beam_search(step_fn, prompts, *, beam_width, max_len, eos_id, length_penalty=1.0,
+                reorder=None):
+    """Beam search from `prompts` (batch, t0) -> Beams(sequences, scores, lengths).
+
+    Every step calls step_fn(tokens (batch * W, t)) -> logits (batch * W, V), takes their
+    float64 log-softmax and beam_search_step; then reorder(parent) with the flat parent
+    row (batch * W,) of each new row, when given (a KV cache follows with cache[parent]).
+    At the start the W beams of a prompt are copies; only the first has score 0 (the
+    others -inf), so the first step picks W different tokens. The search stops after
+    max_len new tokens or when every beam has finished (emitted eos_id).
+
+    sequences (batch, W, t0 + T): the prompt and T generated tokens, padded with eos_id
+    after a beam's EOS; lengths (batch, W) int64: the generated length L, EOS included;
+    scores (batch, W): sum of log-probabilities / L**length_penalty, sorted descending
+    (ties keep the beam order), sequences and lengths in the same order."""
+    prompts = np.asarray(prompts)
+    if prompts.ndim != 2 or not np.issubdtype(prompts.dtype, np.integer):
+        raise ValueError(f"prompts must be an integer array (batch, t0), got {prompts.dtype} "
+                         f"{prompts.shape}")
+    for name, v in (("beam_width", beam_width), ("max_len", max_len)):
+        if not (_is_int(v) and v >= 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if not np.isfinite(length_penalty):
+        raise ValueError(f"length_penalty must be finite, got {length_penalty}")
+    batch, W = prompts.shape[0], int(beam_width)
+    seqs = np.repeat(prompts.astype(np.int64), W, axis=0)
+    scores = np.full((batch, W), -np.inf)
+    scores[:, 0] = 0.0
+    finished = np.zeros((batch, W), dtype=bool)
+    lengths = np.zeros((batch, W), dtype=np.int64)
+    beam_rows = np.arange(batch)[:, None] * W
+    for _ in range(max_len):
+        logits = np.asarray(step_fn(seqs.copy()), dtype=np.float64)
+        if logits.ndim != 2 or logits.shape[0] != batch * W:
+            raise ValueError(f"step_fn must return logits ({batch * W}, V), got {logits.shape}")
+        V = logits.shape[1]
+        if not (_is_int(eos_id) and 0 <= eos_id < V):
+            raise ValueError(f"eos_id must be a token id in [0, {V}), got {eos_id}")
+        logp = log_softmax(logits).reshape(batch, W, V)
+        scores, parent, tokens = beam_search_step(scores, logp, W, finished=finished,
+                                                  eos_id=eos_id)
+        rows = (beam_rows + parent).reshape(-1)
+        was_finished = finished.reshape(-1)[rows].reshape(batch, W)
+        lengths = lengths.reshape(-1)[rows].reshape(batch, W) + ~was_finished
+        finished = was_finished | (tokens == eos_id)
+        seqs = np.concatenate([seqs[rows], tokens.reshape(-1, 1)], axis=1)
+        if reorder is not None:
+            reorder(rows)
+        if finished.all():
+            break
+    with np.errstate(invalid="ignore"):  # -inf / L: a beam with no finite path
+        norm = scores / lengths.astype(np.float64) ** length_penalty
+    order = np.argsort(-norm, axis=1, kind="stable")
+    seqs = seqs.reshape(batch, W, -1)
+    pick = (np.arange(batch)[:, None], order)
+    return Beams(seqs[pick], norm[pick], lengths[pick])
