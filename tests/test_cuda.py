@@ -215,9 +215,10 @@ class FakeCuda:
             assert a is None or isinstance(a, FakeArray), f"host array {type(a)} sent to a kernel"
         return [None if a is None else a._a for a in arrays]
 
-    def _bad_ids(self, t, ignore_index, V):
-        """(rows with an out-of-range id, recorded; the ids with those ignored)."""
-        bad = (t != ignore_index) & ((t < 0) | (t >= V))
+    def _bad_ids(self, t, ignore_index, V, vocab_slice=False):
+        """(rows with an out-of-range id, recorded; the ids with those ignored).
+        With vocab_slice, -1 is a target in another slice, not a bad id."""
+        bad = (t != ignore_index) & ((t < -int(vocab_slice)) | (t >= V))
         self.bad += list(np.flatnonzero(bad))
         return bad, np.where(bad, ignore_index, t)
 
@@ -225,14 +226,15 @@ class FakeCuda:
         _cpu.softmax(*self._host(x, out, lse), scale, log)
 
     def cross_entropy(self, logits, targets, probs, class_weight, ignore_index, scale, softcap,
-                      smoothing, z_loss, loss, lse, lse_given, grad, grad_scale, grad_rows):
-        x, t, q, w, lo, ls, g, gr = self._host(logits, targets, probs, class_weight, loss, lse,
-                                               grad, grad_rows)
+                      smoothing, z_loss, loss, lse, lse_given, grad, grad_scale, grad_rows,
+                      vocab_slice, grad_coef):
+        x, t, q, w, lo, ls, g, gr, gc = self._host(logits, targets, probs, class_weight, loss,
+                                                   lse, grad, grad_rows, grad_coef)
         bad = None
         if t is not None:
-            bad, t = self._bad_ids(t, ignore_index, x.shape[1])
+            bad, t = self._bad_ids(t, ignore_index, x.shape[1], vocab_slice)
         _cpu.cross_entropy(x, t, q, w, ignore_index, scale, softcap, smoothing, z_loss, lo, ls,
-                           lse_given, g, grad_scale, gr)
+                           lse_given, g, grad_scale, gr, vocab_slice, gc)
         if bad is not None and bad.any():
             if lo is not None:
                 lo[bad] = np.nan

@@ -103,7 +103,8 @@ void cross_entropy(const py::array& logits, const py::object& targets, const py:
                    const py::object& class_weight, int64_t ignore_index, double scale,
                    double softcap, double smoothing, double z_loss, const py::object& loss,
                    const py::object& lse, bool lse_given, const py::object& grad,
-                   double grad_scale, const py::object& grad_rows) {
+                   double grad_scale, const py::object& grad_rows, bool vocab_slice,
+                   const py::object& grad_coef) {
   lmxent::CEArgs a;
   a.logits = view(logits, "logits", false);
   const DType c = compute_of(a.logits.dtype);
@@ -133,6 +134,8 @@ void cross_entropy(const py::array& logits, const py::object& targets, const py:
   }
   a.grad_scale = grad_scale;
   a.grad_rows = vec(grad_rows, c, n, "grad_output", false);
+  a.vocab_slice = vocab_slice;
+  a.grad_coef = vec(grad_coef, c, n, "grad_coef", false);
   py::gil_scoped_release nogil;
   lmxent::cpu::run(a);
 }
@@ -272,7 +275,8 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("cross_entropy", &cross_entropy, py::arg("logits"), py::arg("targets"), py::arg("probs"),
         py::arg("class_weight"), py::arg("ignore_index"), py::arg("scale"), py::arg("softcap"),
         py::arg("smoothing"), py::arg("z_loss"), py::arg("loss"), py::arg("lse"), py::arg("lse_given"),
-        py::arg("grad"), py::arg("grad_scale"), py::arg("grad_rows"));
+        py::arg("grad"), py::arg("grad_scale"), py::arg("grad_rows"), py::arg("vocab_slice"),
+        py::arg("grad_coef"));
   m.def("token_stats", &token_stats, py::arg("logits"), py::arg("targets"), py::arg("ignore_index"),
         py::arg("scale"), py::arg("logprob"), py::arg("lse"), py::arg("entropy"), py::arg("top_prob"),
         py::arg("rank"));

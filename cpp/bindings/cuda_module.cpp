@@ -286,7 +286,7 @@ void softmax(py::handle x, py::handle out, py::handle lse, double scale, bool lo
 void cross_entropy(py::handle logits, py::handle targets, py::handle probs, py::handle class_weight,
                    int64_t ignore_index, double scale, double softcap, double smoothing, double z_loss,
                    py::handle loss, py::handle lse, bool lse_given, py::handle grad, double grad_scale,
-                   py::handle grad_rows) {
+                   py::handle grad_rows, bool vocab_slice, py::handle grad_coef) {
   Call c;
   lmxent::CEArgs a;
   a.logits = view(logits, "logits", false, c);
@@ -317,6 +317,8 @@ void cross_entropy(py::handle logits, py::handle targets, py::handle probs, py::
   }
   a.grad_scale = grad_scale;
   a.grad_rows = vec(grad_rows, ct, n, "grad_output", false, c);
+  a.vocab_slice = vocab_slice;
+  a.grad_coef = vec(grad_coef, ct, n, "grad_coef", false, c);
   run(a, c, &lmxent::cuda::scratch, lmxent::cuda::Launcher(), "cross_entropy launch");
 }
 
@@ -396,7 +398,8 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("cross_entropy", &cross_entropy, py::arg("logits"), py::arg("targets"), py::arg("probs"),
         py::arg("class_weight"), py::arg("ignore_index"), py::arg("scale"), py::arg("softcap"),
         py::arg("smoothing"), py::arg("z_loss"), py::arg("loss"), py::arg("lse"), py::arg("lse_given"),
-        py::arg("grad"), py::arg("grad_scale"), py::arg("grad_rows"));
+        py::arg("grad"), py::arg("grad_scale"), py::arg("grad_rows"), py::arg("vocab_slice"),
+        py::arg("grad_coef"));
   m.def("token_stats", &token_stats, py::arg("logits"), py::arg("targets"), py::arg("ignore_index"),
         py::arg("scale"), py::arg("logprob"), py::arg("lse"), py::arg("entropy"), py::arg("top_prob"),
         py::arg("rank"));
