@@ -45,8 +45,8 @@ def _mpirun():
     return shutil.which("mpirun") or shutil.which("mpirun", path=os.path.dirname(sys.executable))
 
 
-@pytest.mark.parametrize("ranks", [1, 2, 3, 4])
-def test_mpi_ranks(ranks):
+def _launch(ranks, script):
+    """`mpirun -n ranks python3 script` with one kernel thread per rank: its stdout."""
     mpirun = _mpirun()
     if mpirun is None:
         pytest.skip("mpi4py or mpirun is missing (pip install .[dist])")
@@ -54,12 +54,28 @@ def test_mpi_ranks(ranks):
                PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(lx.__file__)),
                                            os.environ.get("PYTHONPATH", "")]))
     cmd = [mpirun, "--oversubscribe", "--allow-run-as-root", "-n", str(ranks), sys.executable,
-           os.path.join(HERE, "dist_worker.py")]
+           str(script)]
     try:
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
     except subprocess.TimeoutExpired as e:  # subprocess.run has killed mpirun
         pytest.fail(f"{ranks} ranks hung (a collective out of step?):\n{e.stdout}\n{e.stderr}")
-    assert r.returncode == 0 and "\nok " in "\n" + r.stdout, r.stdout[-6000:] + r.stderr[-3000:]
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3, 4])
+def test_mpi_ranks(ranks):
+    out = _launch(ranks, os.path.join(HERE, "dist_worker.py"))
+    assert "\nok " in "\n" + out, out[-6000:]
+
+
+def test_docs_example_on_two_ranks(tmp_path):
+    """The 2-rank example of docs/distributed.md, as a user runs it."""
+    page = open(os.path.join(HERE, "..", "docs", "distributed.md"), encoding="utf-8").read()
+    code = page.split("cat > ce2.py <<'EOF'\n", 1)[1].split("\nEOF\n", 1)[0]
+    (tmp_path / "ce2.py").write_text(code)
+    out = _launch(2, tmp_path / "ce2.py")
+    assert out.count("(one device:") == 2, out
 
 
 # ------------------------------------------------------- ranks as threads
@@ -163,6 +179,10 @@ def test_collectives_per_op(problem):
                                                   **sl(r)[0]),
             [("allgather", 5), ("allgather", 12), ("allgather", 12), ("allgather", 3),
              ("allreduce", h.size)]),
+        "linear_cross_entropy (loss only)": (
+            lambda r, c: lxd.linear_cross_entropy(h, sl(r)[2], t, comm=c, chunk_size=4,
+                                                  return_grads=False, **sl(r)[0]),
+            [("allgather", 5), ("allgather", 12), ("allgather", 12), ("allgather", 3)]),
         "global_normalizer": (lambda r, c: lxd.global_normalizer(t, comm=c),
                               [("allgather", 2)]),
     }

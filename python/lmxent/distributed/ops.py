@@ -34,6 +34,8 @@ so no rank is left waiting); on CuPy under deferred validation
 (lmxent._arrays.set_cuda_validation) it is skipped, with no host round trip.
 docs/distributed.md lists each op's collectives and their cost.
 """
+import contextlib
+
 import numpy as np
 
 from .. import _arrays as A
@@ -45,7 +47,7 @@ from .comm import as_comm
 
 # local class ids of the kernel calls: a target in another slice, an ignored row
 _ELSEWHERE, _IGNORED = -1, -2
-# the rows of the "counted above the target" pass of token_stats, per block
+# logits compared per block in token_stats' count of the logits above the target's
 _COUNT_BLOCK = 1 << 20
 
 
@@ -54,16 +56,9 @@ class RankFailed(RuntimeError):
 
 
 def _errstate(xp):
+    """inf - inf and friends are expected in the row math (they are handled)."""
     return np.errstate(invalid="ignore", over="ignore", divide="ignore") if xp is np \
-        else _Nothing()
-
-
-class _Nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+        else contextlib.nullcontext()
 
 
 def _slice_rows(x, name, xp, inplace=False):
