@@ -50,7 +50,7 @@ struct CEOp {
       return k;
     }
     k.t = prob() ? -1 : a.targets[r];
-    k.x_t = prob() ? 0.0 : (double)to_compute(x(r)[k.t]);
+    k.x_t = k.t < 0 ? 0.0 : (double)to_compute(x(r)[k.t]);
     k.u_t = tr.one_u((C)k.x_t);
     ce_row<C>(a, r, tr.kz, hard_k, prob() ? p.t_sum : t_sum_k, p.tz_sum, true, k);
     return k;
@@ -112,7 +112,7 @@ struct CEOp {
   // The target element, from the logit saved before pass 2 (which may have
   // overwritten it), rounded once.
   void after(int64_t r, const CERow& k) const {
-    if (!a.grad.data || k.state || prob()) return;
+    if (!a.grad.data || k.state || k.t < 0) return;
     const double g = ce_target_grad(k, tr.kz, (double)spread.at(k.t), tr.slope_one(k.x_t));
     from_compute((T*)a.grad.data + r * a.grad.stride + k.t, (C)g);
   }

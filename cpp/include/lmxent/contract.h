@@ -87,9 +87,15 @@ LMXENT_OP(SoftmaxArgs)
 // log-sum-exp and t_j the "spread" target term (see ce_spread below):
 //   loss = hard_w * (lse - z_t) + lse * sum_j t_j - sum_j t_j z_j + z_loss * lse^2
 //   dL/dz_j = A * p_j - t_j - hard_w * [j == t],  A = hard_w + sum_j t_j + 2 z_loss lse
+// Vocabulary slices (lmxent.distributed): with vocab_slice, the class id -1
+// (unless it is ignore_index) marks a counted row whose target lies in another
+// slice: no hard term here (hard_w = 0, no z_t). grad_coef gives each row's A,
+// formed from the whole vocabulary by the caller.
 struct CEArgs {
   View2D logits;
   const int64_t* targets = nullptr; // class ids (validated), or nullptr
+  bool vocab_slice = false;
+  const void* grad_coef = nullptr;  // rows values of C, or nullptr
   View2D probs;                     // probability targets in C, or data == nullptr
   const void* class_weight = nullptr; // V values of C, or nullptr
   int64_t ignore_index = -100;

@@ -175,7 +175,8 @@ struct ShiftV {
 // ---- cross-entropy rows ----------------------------------------------------------
 
 // A row's scalars, in double: the LSE's rounding to float would otherwise
-// enter every probability. t: the target column (-1 for probability targets).
+// enter every probability. t: the target column (-1 for probability targets
+// and a target in another vocabulary slice: no hard term).
 // state: 0 counted, 1 ignored (zero gradient), 2 a bad class id (CUDA's
 // deferred validation: NaN loss and gradient).
 struct CERow {
@@ -191,14 +192,14 @@ struct CERow {
 template <class C>
 LMXENT_HD void ce_row(const CEArgs& a, int64_t r, double kz, double hard_k, double t_sum, double tz_sum,
                       bool write, CERow& k) {
-  const bool prob = a.probs.data != nullptr;
+  const bool hard = k.t >= 0;
   const C* w = (const C*)a.class_weight;
-  k.hard_w = prob ? 0.0 : hard_k * (w ? (double)w[k.t] : 1.0);
+  k.hard_w = hard ? hard_k * (w ? (double)w[k.t] : 1.0) : 0.0;
   if (write && a.loss) {
-    const double lse_zt = prob ? 0.0 : -k.sh.logp(kz, k.u_t);
+    const double lse_zt = hard ? -k.sh.logp(kz, k.u_t) : 0.0;
     ((C*)a.loss)[r] = (C)ce_loss(k.lse, lse_zt, k.hard_w, t_sum, tz_sum, a.z_loss);
   }
-  k.A = ce_grad_coef(k.lse, k.hard_w, t_sum, a.z_loss);
+  k.A = a.grad_coef ? (double)((const C*)a.grad_coef)[r] : ce_grad_coef(k.lse, k.hard_w, t_sum, a.z_loss);
   k.rs = a.grad_scale * (a.grad_rows ? (double)((const C*)a.grad_rows)[r] : 1.0);
 }
 
