@@ -214,6 +214,19 @@ LMXENT_HD double ce_target_grad(const CERow& k, double kz, double t_t, double sl
 
 // ---- token statistics --------------------------------------------------------------
 
+// The target's value and column: u_j ranks above it when u_j > ut, or when
+// u_j == ut at a column j < t (the target's place in a stable descending
+// sort; before: j < t). t < 0: no rank (ignored or out-of-range target).
+template <class C>
+struct RankOf {
+  C ut;
+  int64_t t;
+};
+template <class U, class C, class B>
+LMXENT_HD auto ranks_above(U u, C ut, B before) {
+  return (u > ut) | ((u == ut) & before);
+}
+
 // The row's outputs from its merged state: st the LSE state of z (st.m = kz
 // mu), h the entropy sum of z (ent_merge), mu the largest u, above the count
 // ranked above the target. t: the target column, -1 ignored, -2 a bad class
