@@ -3,8 +3,8 @@
 // formulas are in lmxent/contract.h, TokenStatsArgs).
 //
 // Memory traffic: one read of each logit. The entropy sum rides in the same
-// exp loop as the LSE (row_partial with Stats); the rank count re-reads each
-// chunk from L1. No pass 2.
+// exp loop as the LSE (row_partial into a StatsPart); the rank count re-reads
+// each chunk from L1. No pass 2.
 #include "../rows.h"
 
 namespace lmxent {

@@ -1,7 +1,9 @@
 // The kernel contract shared by the CPU and CUDA backends: what a kernel takes
 // (row-major 2-D views, options) and the scalar math of one row (online
-// log-sum-exp state and its merge, the cross-entropy loss and gradient
-// coefficients). Backends differ only in how they walk memory.
+// log-sum-exp state and its merge, the KL sums, the cross-entropy loss and
+// gradient coefficients); lmxent/row_math.h builds the rest of a row's math
+// on it (the transform, z - lse, per-row outputs). Backends differ only in
+// how they walk memory.
 //
 // Each op's argument struct is followed by LMXENT_OP(Args), which declares its
 // kernels: the CPU kernel in every instruction-set namespace (cpu::run in
