@@ -32,14 +32,14 @@ inline namespace LMXENT_ISA {
 template <class C>
 struct Prims {
   typedef cpu::V<C> U;
-  static U splat(C v) { return cpu::splat<C>(v); }
-  static C lane0(U v) { return v[0]; }
-  static U tanh(U v) { return cpu::vtanh<C>(v); }
-  static U exp_neg(U v) { return cpu::vexp_neg(v); }
-  static U log1p_unit(U v) { return cpu::vlog1p_unit<C>(v); }
-  static U max(U a, U b) { return cpu::vmax<C>(a, b); }
+  static LMXENT_HOT U splat(C v) { return cpu::splat<C>(v); }
+  static LMXENT_HOT C lane0(U v) { return v[0]; }
+  static LMXENT_HOT U tanh(U v) { return cpu::vtanh<C>(v); }
+  static LMXENT_HOT U exp_neg(U v) { return cpu::vexp_neg(v); }
+  static LMXENT_HOT U log1p_unit(U v) { return cpu::vlog1p_unit<C>(v); }
+  static LMXENT_HOT U max(U a, U b) { return cpu::vmax<C>(a, b); }
   template <class M>
-  static U select(M m, U a, U b) { return cpu::vselect<C>(m, a, b); }
+  static LMXENT_HOT U select(M m, U a, U b) { return cpu::vselect<C>(m, a, b); }
 };
 
 }  // namespace LMXENT_ISA

@@ -20,10 +20,15 @@
 #include <stddef.h>
 #include <stdint.h>
 
+// LMXENT_HOT: element code of the hot loops. GCC's inliner gives up on the
+// vector math inside the large pass-2 bodies (a call per vector, its
+// constants reloaded each time), so the CPU build forces it.
 #ifdef __CUDACC__
 #define LMXENT_HD __host__ __device__ __forceinline__
+#define LMXENT_HOT LMXENT_HD
 #else
 #define LMXENT_HD inline
+#define LMXENT_HOT inline __attribute__((always_inline))
 #endif
 #ifndef LMXENT_ISA
 #define LMXENT_ISA generic
@@ -218,7 +223,7 @@ template <class C>
 struct LogProb {
   C m, kz, log_s;
   template <class U>
-  LMXENT_HD U operator()(U u) const { return (u - m) * kz - log_s; }
+  LMXENT_HOT U operator()(U u) const { return (u - m) * kz - log_s; }
 };
 
 // Entropy rides along the online LSE as h = sum_j exp(z_j - m) (z_j - m), so
