@@ -31,15 +31,17 @@ struct CEOp {
   const T* x(int64_t r) const { return (const T*)a.logits.data + r * a.logits.stride; }
   bool ignored(int64_t r) const { return !prob() && a.targets[r] == a.ignore_index; }
 
-  Partial partial(int64_t r, int64_t c0, int64_t c1, const Keep<C>* keep) const {
+  typedef CEPart Part;
+  Part partial(int64_t r, int64_t c0, int64_t c1, const Keep<C>* keep) const {
     const bool need_lse = !a.lse_given && (!ignored(r) || a.lse);
     const bool need_sums = !ignored(r) && (!a.lse_given || prob());
-    if (!need_lse && !need_sums) return partial_empty();
-    return row_partial(x(r), c0, c1, tr, spread.row(r), keep);
+    if (!need_lse && !need_sums) return Part();
+    return row_partial<Part>(x(r), c0, c1, tr, spread.row(r), keep);
   }
+  Part merge(const Part& p, const Part& q) const { return cpu::merge(p, q); }
 
   // The row's scalars (CERow, lmxent/row_math.h) and its loss and LSE.
-  CERow finish(int64_t r, const Partial& p) const {
+  CERow finish(int64_t r, const Part& p) const {
     CERow k{};
     k.lse = a.lse_given ? (double)((const C*)a.lse)[r] : lse_final(p.st, dlog);
     if (!a.lse_given && a.lse) ((C*)a.lse)[r] = (C)k.lse;
