@@ -345,6 +345,12 @@ correctness() {
   step "bitwise repeat / in place / non-blocking stream" 120 tests.log 1 "$PY" bench/gpu_checks.py repeat
   step "bitwise repeat, per-thread default stream" 120 tests.log 1 \
     env CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1 "$PY" bench/gpu_checks.py repeat
+  if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    step "torch adapter, CUDA tensors (tests/test_torch.py)" 180 tests.log 1 \
+      "${PYTEST[@]}" tests/test_torch.py -k cuda_tensors
+  else
+    record "torch adapter, CUDA tensors" SKIP "no CUDA build of torch on this machine"
+  fi
   sanitize
 }
 

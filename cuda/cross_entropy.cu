@@ -61,6 +61,7 @@ struct CEK {
     if (prob()) return 0;
     *t = a.targets[r];
     if (*t == a.ignore_index) return 1;
+    if (*t == -1 && a.vocab_slice) return 0;  // the target is in another slice
     return (*t < 0 || *t >= a.logits.cols) ? 2 : 0;
   }
   __device__ bool need_lse(int st) const { return !a.lse_given && (st != 1 || a.lse); }
@@ -69,7 +70,7 @@ struct CEK {
   }
   __device__ bool need_pass1(int st) const { return need_lse(st) || need_sums(st); }
   __device__ double x_t(int64_t r, int st, int64_t t) const {
-    return st == 0 && !prob() ? (double)to_c(x(r)[t]) : 0.0;
+    return st == 0 && t >= 0 ? (double)to_c(x(r)[t]) : 0.0;
   }
 
   // Pass 1 over [c0, c1): this thread's LSE state (in u = pre(x)) and the
@@ -146,7 +147,7 @@ struct CEK {
   // The target element, from the logit saved before pass 2 (which may have
   // overwritten it), in double and rounded once (cpp/cpu CEOp::after).
   __device__ void fix_target(int64_t r, const CERow& k) const {
-    if (k.state != 0 || prob()) return;
+    if (k.state != 0 || k.t < 0) return;
     const double t = SP ? (double)sp.at(nullptr, k.t) : 0.0;
     const double g = ce_target_grad(k, tr.kz, t, tr.slope_one(k.x_t));
     ((T*)a.grad.data + r * a.grad.stride)[k.t] = from_c<T>((C)g);
@@ -213,7 +214,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) ce_finish(CEK<T, SC, SP> k, co
     const int st = k.status(r, &t);
     Acc<C> acc = acc_empty<C>();
     if (k.need_pass1(st)) acc = merge_parts(parts + r * S, S, k.tr.k, sh);
-    if (threadIdx.x == 0) rk = k.finish(r, st, t, acc, st == 0 && !k.prob() ? xts[r] : 0.0, s == 0);
+    if (threadIdx.x == 0) rk = k.finish(r, st, t, acc, st == 0 && t >= 0 ? xts[r] : 0.0, s == 0);
     __syncthreads();
     const CERow row = rk;
     if (k.a.grad.data) {

@@ -423,15 +423,6 @@ struct EntAcc {
 template <class C>
 __device__ __forceinline__ EntAcc<C> ent_empty() { return {-inf<C>(), 0.0, 0.0, 0}; }
 
-// The target's value and column: u_j ranks above it when u_j > ut, or when
-// u_j == ut at a column j < t (the target's place in a stable descending
-// sort). t < 0: no rank (ignored or out-of-range target).
-template <class C>
-struct RankOf {
-  C ut;
-  int64_t t;
-};
-
 // Adds K consecutive values starting at column j.
 template <class C, int K>
 __device__ __forceinline__ void ent_add(EntAcc<C>& a, const C (&u)[K], int64_t j, const RankOf<C>& rk,
@@ -471,7 +462,7 @@ __device__ __forceinline__ void ent_add(EntAcc<C>& a, const C (&u)[K], int64_t j
     const int tl = rel < 0 ? -1 : rel > K ? K : (int)rel;
     int n = 0;
 #pragma unroll
-    for (int i = 0; i < K; ++i) n += (u[i] > rk.ut) | ((u[i] == rk.ut) & (i < tl));
+    for (int i = 0; i < K; ++i) n += ranks_above(u[i], rk.ut, i < tl);
     a.above += n;
   }
 }

@@ -4,7 +4,7 @@
   installed, ml_dtypes.bfloat16 (``BF16`` is None otherwise).
 - ``ISAS``, ``cpu_isa(name)``: the CPU instruction sets this processor offers
   (``lmxent.cpu_info()["available"]``); a context manager using one of them.
-- ``num_threads(n)``: a context manager setting the OpenMP thread count.
+- ``num_threads(n)``: a context manager setting lmxent's thread count.
 - ``lowp(x, dtype)``: round float64 data to ``dtype`` and return both the rounded
   array and its exact float64 values (the reference must see the SAME inputs).
 - ``assert_loss_close`` / ``assert_grad_close``: per-dtype tolerances.

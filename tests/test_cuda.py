@@ -240,7 +240,9 @@ class FakeCuda:
         bad = None
         if kw.get("targets") is not None:  # class ids
             t, ignore_index = kw["targets"], kw["ignore_index"]
-            bad = (t != ignore_index) & ((t < 0) | (t >= kw["logits"].shape[1]))
+            # with vocab_slice, -1 is a target in another slice, not a bad id
+            lowest = -1 if kw.get("vocab_slice") else 0
+            bad = (t != ignore_index) & ((t < lowest) | (t >= kw["logits"].shape[1]))
             self.bad += list(np.flatnonzero(bad))
             kw["targets"] = np.where(bad, ignore_index, t)  # ignored: rank -1
         getattr(_cpu, op)(**kw)

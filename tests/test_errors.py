@@ -588,7 +588,7 @@ def _ce_args(**changes):
     args = dict(logits=x, targets=np.zeros(4, np.int64), probs=None, class_weight=None,
                 ignore_index=-100, scale=1.0, softcap=0.0, smoothing=0.0, z_loss=0.0,
                 loss=np.empty(4, np.float32), lse=None, lse_given=False, grad=None,
-                grad_scale=1.0, grad_rows=None)
+                grad_scale=1.0, grad_rows=None, vocab_slice=False, grad_coef=None)
     args.update(changes)
     return args
 

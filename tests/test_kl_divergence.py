@@ -19,6 +19,7 @@ from helpers import (
     assert_loss_close,
     dtype_id,
     lowp,
+    num_threads,
     numeric_grad,
     torch,
 )
@@ -50,6 +51,29 @@ def test_matches_reference(rng, isa, dtype, direction, V):
     assert_loss_close(loss, rl, dtype, what="kl")
     assert (loss >= 0).all()
     assert_grad_close(g, rg, dtype, gscale=GSCALE)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=dtype_id)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_long_rows_split_across_threads(rng, isa, dtype, direction):
+    """Fewer rows than threads, long rows: each row is split across the tasks and the
+    parts' KL sums merged (kl_merge_sum); the same result as one thread and the
+    reference, masked rows zero."""
+    s, s64, t, t64 = pair(rng, (1, 3, 100_003), dtype, zero_teacher=direction != "reverse")
+    mask = np.array([[True, False, True]])
+    runs = []
+    for n in (1, 2, 4):
+        with num_threads(n):
+            runs.append(lx.kl_divergence(s, t, direction=direction, reduction="none",
+                                         return_grad=True, mask=mask, temperature=0.8))
+    rl, rg = R.kl_divergence(s64, t64, direction=direction, reduction="none", return_grad=True,
+                             mask=mask, temperature=0.8)
+    for loss, g in runs:
+        assert_loss_close(loss, rl, dtype, what="kl")
+        assert_grad_close(g, rg, dtype, gscale=GSCALE)
+        assert loss[0, 1] == 0 and not g[0, 1].any()
+    for loss, _ in runs[1:]:  # 4 threads > 3 rows: split (rows.h run_rows)
+        np.testing.assert_allclose(loss, runs[0][0], rtol=1e-5 if dtype == F32 else 1e-12)
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)

@@ -29,7 +29,7 @@ CEArgs cross_entropy_args(Arrays<M>& c, typename M::Array logits, typename M::Ma
                           typename M::Maybe probs, typename M::Maybe class_weight, int64_t ignore_index,
                           double scale, double softcap, double smoothing, double z_loss, typename M::Maybe loss,
                           typename M::Maybe lse, bool lse_given, typename M::Maybe grad, double grad_scale,
-                          typename M::Maybe grad_rows) {
+                          typename M::Maybe grad_rows, bool vocab_slice, typename M::Maybe grad_coef) {
   CEArgs a;
   a.logits = c.view(logits, "logits", false);
   const DType ct = compute_of(a.logits.dtype);
@@ -51,6 +51,8 @@ CEArgs cross_entropy_args(Arrays<M>& c, typename M::Array logits, typename M::Ma
   a.grad = c.like(grad, "grad", true, a.logits, a.logits.dtype, "must have the shape and dtype of the logits");
   a.grad_scale = grad_scale;
   a.grad_rows = c.vec(grad_rows, ct, n, "grad_output", false);
+  a.vocab_slice = vocab_slice;
+  a.grad_coef = c.vec(grad_coef, ct, n, "grad_coef", false);
   return a;
 }
 
@@ -165,9 +167,12 @@ void bind_ops(py::module_& m) {
   def_op(m, ops, "cross_entropy",
          "Per-row cross-entropy of logits against class ids (targets) or probabilities (probs, "
          "exactly one given): loss, lse (read instead when lse_given), and/or the gradient into "
-         "grad times grad_scale * grad_rows[r]; outputs may be None.",
+         "grad times grad_scale * grad_rows[r]; outputs may be None. vocab_slice: the logits are a "
+         "vocabulary slice, class id -1 a counted row whose target is in another slice; grad_coef: "
+         "each row's gradient coefficient A given (else computed).",
          &cross_entropy_args<M>, "logits", "targets", "probs", "class_weight", "ignore_index", "scale",
-         "softcap", "smoothing", "z_loss", "loss", "lse", "lse_given", "grad", "grad_scale", "grad_rows");
+         "softcap", "smoothing", "z_loss", "loss", "lse", "lse_given", "grad", "grad_scale", "grad_rows",
+         "vocab_slice", "grad_coef");
   def_op(m, ops, "token_stats",
          "Per-row statistics of the target class: logprob, lse, entropy, top_prob and rank (any may "
          "be None), in one read of the logits.",

@@ -32,14 +32,14 @@ inline namespace LMXENT_ISA {
 template <class C>
 struct Prims {
   typedef cpu::V<C> U;
-  static U splat(C v) { return cpu::splat<C>(v); }
-  static C lane0(U v) { return v[0]; }
-  static U tanh(U v) { return cpu::vtanh<C>(v); }
-  static U exp_neg(U v) { return cpu::vexp_neg(v); }
-  static U log1p_unit(U v) { return cpu::vlog1p_unit<C>(v); }
-  static U max(U a, U b) { return cpu::vmax<C>(a, b); }
+  static LMXENT_HOT U splat(C v) { return cpu::splat<C>(v); }
+  static LMXENT_HOT C lane0(U v) { return v[0]; }
+  static LMXENT_HOT U tanh(U v) { return cpu::vtanh<C>(v); }
+  static LMXENT_HOT U exp_neg(U v) { return cpu::vexp_neg(v); }
+  static LMXENT_HOT U log1p_unit(U v) { return cpu::vlog1p_unit<C>(v); }
+  static LMXENT_HOT U max(U a, U b) { return cpu::vmax<C>(a, b); }
   template <class M>
-  static U select(M m, U a, U b) { return cpu::vselect<C>(m, a, b); }
+  static LMXENT_HOT U select(M m, U a, U b) { return cpu::vselect<C>(m, a, b); }
 };
 
 }  // namespace LMXENT_ISA
@@ -121,24 +121,33 @@ struct ProbSpread {
   C at(int64_t j) const { return (a * q[j] + k) * (HasW ? w[j] : (C)1); }
 };
 
-// Pass-1 result over a column range: LSE state, the spread sums sum_j t_j
-// and sum_j t_j z_j, and for token statistics the entropy sum h (see
-// ent_merge) and the count of entries ranked above the target. Kept in
-// double across chunks.
-// mu is the largest u (NaN if any): pass 2 works relative to it.
-struct Partial {
-  LseState<double> st;
-  double t_sum, tz_sum, h;
-  int64_t above;
-  double mu;
-};
-inline Partial partial_empty() { return {{-(double)INFINITY, 0.0}, 0.0, 0.0, 0.0, 0, -(double)INFINITY}; }
+// Pass-1 results over a column range (row_partial), kept in double across
+// chunks; each op takes the one with the fields it uses. LsePart: the LSE
+// state, and mu the largest u (NaN if any): pass 2 works relative to it.
+// CEPart adds the spread sums sum_j t_j and sum_j t_j z_j; StatsPart the
+// entropy sum h (see ent_merge) and the count of entries ranked above the
+// target. merge(a, b): the state of a's columns followed by b's.
 inline double dexp(double x) { return ::exp(x); }
 inline double dlog(double x) { return ::log(x); }
-inline Partial merge(const Partial& a, const Partial& b) {
-  return {lse_merge(a.st, b.st, dexp), a.t_sum + b.t_sum, a.tz_sum + b.tz_sum,
-          ent_merge(a.st, a.h, b.st, b.h, dexp), a.above + b.above,
-          a.mu > b.mu || a.mu != a.mu ? a.mu : b.mu};
+struct LsePart {
+  LseState<double> st{-(double)INFINITY, 0.0};
+  double mu = -(double)INFINITY;
+};
+inline LsePart merge(const LsePart& a, const LsePart& b) {
+  return {lse_merge(a.st, b.st, dexp), a.mu > b.mu || a.mu != a.mu ? a.mu : b.mu};
+}
+struct CEPart : LsePart {
+  double t_sum = 0, tz_sum = 0;
+};
+inline CEPart merge(const CEPart& a, const CEPart& b) {
+  return {merge((const LsePart&)a, b), a.t_sum + b.t_sum, a.tz_sum + b.tz_sum};
+}
+struct StatsPart : LsePart {
+  double h = 0;
+  int64_t above = 0;
+};
+inline StatsPart merge(const StatsPart& a, const StatsPart& b) {
+  return {merge((const LsePart&)a, b), ent_merge(a.st, a.h, b.st, b.h, dexp), a.above + b.above};
 }
 
 // Pass 1 may keep e_j = exp(z_j - kz M_c) for the whole row (plus a chunk of
@@ -164,19 +173,15 @@ inline double chunk_shift(C mu, K kz) {
   return (double)kz * (double)mu;
 }
 
-// What token_stats gathers in pass 1 beside the LSE: the entropy sum, and
-// with t >= 0 the count of entries ranked above the target (value ut at t).
-template <class C>
-struct RankOf {
-  C ut;
-  int64_t t;
-};
-
-template <class T, class TR, class S, bool Stats = false>
-Partial row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr_in, const S& sp,
-                    const Keep<typename Compute<T>::type>* keep,
-                    const RankOf<typename Compute<T>::type>* rank = nullptr) {
+// Pass 1 over the columns [c0, c1) of a row into the state P (LsePart,
+// CEPart with a spread, StatsPart with the entropy and rank).
+template <class P, class T, class TR, class S>
+P row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr_in, const S& sp,
+              const Keep<typename Compute<T>::type>* keep,
+              const RankOf<typename Compute<T>::type>* rank = nullptr) {
   typedef typename Compute<T>::type C;
+  constexpr bool Stats = std::is_same<P, StatsPart>::value;
+  static_assert(!S::active || std::is_same<P, CEPart>::value, "spread sums need a CEPart");
   constexpr int W = Vec<C>::W;
   // Buffer u when it costs more to recompute than to store (a softcap, or a
   // conversion from 16 bits); else read x again, from L1.
@@ -186,7 +191,7 @@ Partial row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr_in, const S
   // local copies: the buffer stores could alias their members
   const TR tr = tr_in;
   const Factor<C> k = tr.k;
-  Partial acc = partial_empty();
+  P acc;
   for (int64_t b = c0; b < c1; b += kChunk) {
     const int64_t n = imin(kChunk, c1 - b), nv = n - n % W;
     const T* xb = x + b;
@@ -237,7 +242,7 @@ Partial row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr_in, const S
       else if (before)
         cnt -= u >= ut;
       else
-        cnt -= (u > ut) | ((u == ut) & (lanes + (C)j < tl));
+        cnt -= ranks_above(u, ut, lanes + (C)j < tl);
     };
     C* e = keep ? keep->e + b : nullptr;
     // The exps of the whole vectors; their range checks are skipped when the
@@ -288,7 +293,7 @@ Partial row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr_in, const S
       V<C> e0 = vexp2_neg<C>(k(u_tail - mx));
       s0 += e0;
       if (Stats) h0 += weighted<C, true>(e0, u_tail - mx);
-      if (ranks) cnt -= ((u_tail > ut) | ((u_tail == ut) & (lanes + (C)nv < tl))) & (lanes < (C)(n - nv));
+      if (ranks) cnt -= ranks_above(u_tail, ut, lanes + (C)nv < tl) & (lanes < (C)(n - nv));
       if (e) store(e + nv, e0);
     }
     int64_t above = 0;
@@ -310,8 +315,17 @@ Partial row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr_in, const S
     }
     // With +inf in the chunk the sum (NaN from inf - inf) does not matter.
     const double sum = mu != mu ? (double)NAN : mu == (C)INFINITY ? 1.0 : (double)hsum<C>(s0 + s1);
-    Partial chunk = {{shift, sum}, (double)hsum<C>(ts), tr.kz * (double)hsum<C>(tz),
-                     Stats ? tr.kz * (double)hsum<C>(h0 + h1) : 0.0, above, (double)mu};
+    P chunk;
+    chunk.st = {shift, sum};
+    chunk.mu = (double)mu;
+    if constexpr (std::is_same<P, CEPart>::value) {
+      chunk.t_sum = (double)hsum<C>(ts);
+      chunk.tz_sum = tr.kz * (double)hsum<C>(tz);
+    }
+    if constexpr (Stats) {
+      chunk.h = tr.kz * (double)hsum<C>(h0 + h1);
+      chunk.above = above;
+    }
     acc = merge(acc, chunk);
   }
   return acc;
@@ -417,9 +431,11 @@ inline void parallel_rows(int64_t rows, int nt, const F& f) {
 
 // Runs an op over all rows. An op provides:
 //   C                                the compute type
+//   Part                             its pass-1 state
 //   bool keeps()                     whether pass 2 wants the kept exps
-//   Partial partial(r, c0, c1, keep) pass 1 over a column range
-//   K finish(r, const Partial&)      the row's scalars (and per-row outputs)
+//   Part partial(r, c0, c1, keep)    pass 1 over a column range
+//   Part merge(const Part&, const Part&)  two adjacent ranges' states (split rows)
+//   K finish(r, const Part&)         the row's scalars (and per-row outputs)
 //   void pass2(r, const K&, c0, c1, keep)
 //   void after(r, const K&)          single-element fix-ups after pass 2
 template <class Op>
@@ -428,7 +444,7 @@ void run_rows(int64_t rows, int64_t cols, const Op& op) {
   const int nt = threads_for(rows * cols);
   const bool keeps = op.keeps() && cols <= kKeepMax;
   if (nt > 1 && rows < nt && cols >= 4 * kChunk) {
-    Partial parts[kMaxThreads];
+    typename Op::Part parts[kMaxThreads];
     Keep<C> shared = keeps ? scratch_keep<C>(cols) : Keep<C>{nullptr, nullptr};
     const Keep<C>* keep = shared.e ? &shared : nullptr;
     // The split depends on nt only, so a row's merged state is the same bits
@@ -442,8 +458,8 @@ void run_rows(int64_t rows, int64_t cols, const Op& op) {
     };
     for (int64_t r = 0; r < rows; ++r) {
       over_parts([&](int t, int64_t c0, int64_t c1) { parts[t] = op.partial(r, c0, c1, keep); });
-      Partial p = parts[0];
-      for (int i = 1; i < nt; ++i) p = merge(p, parts[i]);
+      typename Op::Part p = parts[0];
+      for (int i = 1; i < nt; ++i) p = op.merge(p, parts[i]);
       const auto k = op.finish(r, p);
       over_parts([&](int, int64_t c0, int64_t c1) {
         op.pass2(r, k, c0, c1, keep);

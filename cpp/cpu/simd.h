@@ -228,7 +228,7 @@ inline void store_partial(T* p, V<C> v, int64_t n) {
 // normal). Forming y in working precision costs up to |x| ulps of relative
 // error, only where the term is tiny beside the row's max term.
 template <int S = 1>
-inline V<double> exp_poly(V<double> r);
+LMXENT_HOT V<double> exp_poly(V<double> r);
 
 template <class C> struct Exp2Neg;
 template <> struct Exp2Neg<float> {
@@ -238,7 +238,7 @@ template <> struct Exp2Neg<float> {
   static constexpr float magic = 12583039.0f;
   // S 2^f, S a power of two (exact: every coefficient scaled by S)
   template <int S = 1>
-  static V<float> frac(V<float> f) {
+  static LMXENT_HOT V<float> frac(V<float> f) {
     V<float> p = splat(S * 1.5345806605182588e-4f);
     p = p * f + S * 1.3399930903688073e-3f;
     p = p * f + S * 9.618489071726799e-3f;
@@ -252,13 +252,13 @@ template <> struct Exp2Neg<double> {
   static constexpr double lo = LMXENT_VBYTES == 64 ? -1075.0 : -1022.0;
   static constexpr double magic = 6755399441056767.0;  // 1.5 * 2^52 + 1023
   template <int S = 1>
-  static V<double> frac(V<double> f) { return exp_poly<S>(f * 0.6931471805599453094172); }
+  static LMXENT_HOT V<double> frac(V<double> f) { return exp_poly<S>(f * 0.6931471805599453094172); }
 };
 
 // Clamp = false when the caller knows lo < y (no -inf, no underflow): the
 // range handling is skipped.
 template <class C, bool Clamp = true>
-inline V<C> vexp2_neg(V<C> y) {
+LMXENT_HOT V<C> vexp2_neg(V<C> y) {
   typedef Exp2Neg<C> K;
   V<C> yc = Clamp ? (y < K::lo ? splat<C>(K::lo) : y) : y;  // NaN compares false: kept
   V<C> t = yc + K::magic;
@@ -275,8 +275,8 @@ inline V<C> vexp2_neg(V<C> y) {
 #endif
 }
 template <class C> constexpr C kLog2e = (C)1.4426950408889634073599;
-inline V<float> vexp_neg(V<float> x) { return vexp2_neg<float>(x * kLog2e<float>); }
-inline V<double> vexp_neg(V<double> x) { return vexp2_neg<double>(x * kLog2e<double>); }
+LMXENT_HOT V<float> vexp_neg(V<float> x) { return vexp2_neg<float>(x * kLog2e<float>); }
+LMXENT_HOT V<double> vexp_neg(V<double> x) { return vexp2_neg<double>(x * kLog2e<double>); }
 
 // 2^y for any y: overflow gives +inf on every instruction set (vexp2_neg
 // builds 2^n from exponent bits with no upper bound). y is clamped to
@@ -285,7 +285,7 @@ inline V<double> vexp_neg(V<double> x) { return vexp2_neg<double>(x * kLog2e<dou
 // finite exponent field (results below 2^-125 are 0, as vexp2_neg's below
 // 2^-126). Only where an argument may be positive (a caller's saved LSE).
 template <class C>
-inline V<C> vexp2(V<C> y) {
+LMXENT_HOT V<C> vexp2(V<C> y) {
   typedef Exp2Neg<C> K;
   constexpr C hi = sizeof(C) == 4 ? (C)128.5 : (C)1024.5;
   constexpr C lo = LMXENT_VBYTES == 64 ? K::lo : sizeof(C) == 4 ? (C)-125 : (C)-1021;
@@ -308,13 +308,13 @@ inline V<C> vexp2(V<C> y) {
 #endif
 }
 template <class C>
-inline V<C> vexp(V<C> x) { return vexp2<C>(x * kLog2e<C>); }
+LMXENT_HOT V<C> vexp(V<C> x) { return vexp2<C>(x * kLog2e<C>); }
 
 // log(1 + y) for y in [0, 1] (the softplus tail log1p(exp(-|d|))): with
 // s = y / (2 + y) in [0, 1/3], log(1 + y) = 2 atanh(s) = 2 s sum_k s^2k / (2k + 1),
 // K terms so that the first one left out, (1/9)^K / (2K + 1), is below half an ulp.
 template <class C>
-inline V<C> vlog1p_unit(V<C> y) {
+LMXENT_HOT V<C> vlog1p_unit(V<C> y) {
   constexpr int K = sizeof(C) == 4 ? 7 : 16;
   const V<C> s = y / (y + (C)2), s2 = s * s;
   V<C> p = splat<C>((C)1 / (C)(2 * K - 1));
@@ -323,7 +323,7 @@ inline V<C> vlog1p_unit(V<C> y) {
 }
 
 template <int S>
-inline V<double> exp_poly(V<double> r) {
+LMXENT_HOT V<double> exp_poly(V<double> r) {
   V<double> rr = r * r;
   V<double> px = ((1.26177193074810590878E-4 * rr + 3.02994407707441961300E-2) * rr +
                   9.99999999999999999910E-1) * r;
@@ -336,7 +336,7 @@ inline V<double> exp_poly(V<double> r) {
 // approximant; double: Cephes' x + x^3 P(x^2)/Q(x^2)), elsewhere
 // (1 - e) / (1 + e) with e = exp(-2|u|).
 template <class C>
-inline V<C> vtanh(V<C> u) {
+LMXENT_HOT V<C> vtanh(V<C> u) {
   V<C> a = u < 0 ? -u : u;
   V<C> u2 = u * u, small;
   if constexpr (sizeof(C) == 4) {

@@ -45,7 +45,8 @@ class Options:
         A.kernels(x2).cross_entropy(
             x2, tids, probs, w, self.ignore_index, self.scale, self.softcap or 0.0, self.eps,
             self.z_loss, o.get("loss"), o.get("lse"), o.get("lse_given", False), o.get("grad"),
-            o.get("grad_scale", 1.0), o.get("grad_rows"))
+            o.get("grad_scale", 1.0), o.get("grad_rows"), o.get("vocab_slice", False),
+            o.get("grad_coef"))
 
 
 class Checks:

@@ -31,15 +31,17 @@ struct CEOp {
   const T* x(int64_t r) const { return (const T*)a.logits.data + r * a.logits.stride; }
   bool ignored(int64_t r) const { return !prob() && a.targets[r] == a.ignore_index; }
 
-  Partial partial(int64_t r, int64_t c0, int64_t c1, const Keep<C>* keep) const {
+  typedef CEPart Part;
+  Part partial(int64_t r, int64_t c0, int64_t c1, const Keep<C>* keep) const {
     const bool need_lse = !a.lse_given && (!ignored(r) || a.lse);
     const bool need_sums = !ignored(r) && (!a.lse_given || prob());
-    if (!need_lse && !need_sums) return partial_empty();
-    return row_partial(x(r), c0, c1, tr, spread.row(r), keep);
+    if (!need_lse && !need_sums) return Part();
+    return row_partial<Part>(x(r), c0, c1, tr, spread.row(r), keep);
   }
+  Part merge(const Part& p, const Part& q) const { return cpu::merge(p, q); }
 
   // The row's scalars (CERow, lmxent/row_math.h) and its loss and LSE.
-  CERow finish(int64_t r, const Partial& p) const {
+  CERow finish(int64_t r, const Part& p) const {
     CERow k{};
     k.lse = a.lse_given ? (double)((const C*)a.lse)[r] : lse_final(p.st, dlog);
     if (!a.lse_given && a.lse) ((C*)a.lse)[r] = (C)k.lse;
@@ -50,7 +52,7 @@ struct CEOp {
       return k;
     }
     k.t = prob() ? -1 : a.targets[r];
-    k.x_t = prob() ? 0.0 : (double)to_compute(x(r)[k.t]);
+    k.x_t = k.t < 0 ? 0.0 : (double)to_compute(x(r)[k.t]);
     k.u_t = tr.one_u((C)k.x_t);
     ce_row<C>(a, r, tr.kz, hard_k, prob() ? p.t_sum : t_sum_k, p.tz_sum, true, k);
     return k;
@@ -112,7 +114,7 @@ struct CEOp {
   // The target element, from the logit saved before pass 2 (which may have
   // overwritten it), rounded once.
   void after(int64_t r, const CERow& k) const {
-    if (!a.grad.data || k.state || prob()) return;
+    if (!a.grad.data || k.state || k.t < 0) return;
     const double g = ce_target_grad(k, tr.kz, (double)spread.at(k.t), tr.slope_one(k.x_t));
     from_compute((T*)a.grad.data + r * a.grad.stride + k.t, (C)g);
   }

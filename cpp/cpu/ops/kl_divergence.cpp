@@ -17,8 +17,10 @@
 //
 // Memory traffic: forward and reverse read each logit of both rows once
 // without a gradient, twice with one (the second read from L2 for rows that
-// fit), and write the gradient. Rows are spread over threads; one long row
-// is not split.
+// fit), and write the gradient. It runs on the row driver of every op
+// (run_rows in rows.h): rows are spread over threads, and a few long rows are
+// split across them (forward and reverse merge the parts' sums with
+// kl_merge_sum; in a split row Jensen-Shannon's second read runs on one thread).
 #include "../rows.h"
 
 namespace lmxent {
@@ -26,9 +28,9 @@ namespace cpu {
 inline namespace LMXENT_ISA {
 
 // Maxima and D in the units of the logits before the scale kz (z = kz u).
-struct KLPartial {
-  LseState<double> s, t;
-  double d;  // the direction's weighted sum (forward: teacher-weighted)
+struct KLPart {
+  LseState<double> s{-(double)INFINITY, 0.0}, t{-(double)INFINITY, 0.0};
+  double d = 0;  // the direction's weighted sum (forward: teacher-weighted)
 };
 
 struct KzExp {  // exp(kz x): the merges' factor for a move of x in u units
@@ -36,7 +38,7 @@ struct KzExp {  // exp(kz x): the merges' factor for a move of x in u units
   double operator()(double x) const { return ::exp(kz * x); }
 };
 
-inline KLPartial kl_merge(const KLPartial& a, const KLPartial& b, bool teacher_weights, KzExp e) {
+inline KLPart kl_merge(const KLPart& a, const KLPart& b, bool teacher_weights, KzExp e) {
   const double d = teacher_weights ? kl_merge_sum(a.t, a.s, a.d, b.t, b.s, b.d, e)
                                    : kl_merge_sum(a.s, a.t, a.d, b.s, b.t, b.d, e);
   return {lse_merge(a.s, b.s, e), lse_merge(a.t, b.t, e), d};
@@ -60,12 +62,18 @@ struct KLOp {
     ut = n == W ? load(t + j) : load_partial(t + j, n, ninf);
   }
 
-  KLPartial pass1(int64_t r, int64_t cols) const {
+  bool masked(int64_t r) const { return a.row_mask && !a.row_mask[r]; }
+
+  // run_rows's op interface (rows.h): pass 1 over the columns [c0, c1).
+  typedef KLPart Part;
+  bool keeps() const { return false; }
+  Part partial(int64_t r, int64_t c0, int64_t c1, const Keep<C>*) const {
     const T *s = xs(r), *t = xt(r);
     const C k = kz * kLog2e<C>;
-    KLPartial acc{{-(double)INFINITY, 0.0}, {-(double)INFINITY, 0.0}, 0.0};
-    for (int64_t b = 0; b < cols; b += kChunk) {
-      const int64_t n = imin(kChunk, cols - b);
+    Part acc;
+    if (masked(r)) return acc;
+    for (int64_t b = c0; b < c1; b += kChunk) {
+      const int64_t n = imin(kChunk, c1 - b);
       V<C> ms = splat<C>(-(C)INFINITY), mt = ms, us, ut;
       for (int64_t j = 0; j < n; j += W) {
         at(s + b, t + b, j, imin(W, n - j), us, ut);
@@ -85,12 +93,13 @@ struct KLOp {
         st += et;
         d += forward() ? weighted<C, true>(et, ct - cs) : weighted<C, true>(es, cs - ct);
       }
-      const KLPartial chunk{{(double)Ms, (double)hsum<C>(ss)}, {(double)Mt, (double)hsum<C>(st)},
+      const Part chunk{{(double)Ms, (double)hsum<C>(ss)}, {(double)Mt, (double)hsum<C>(st)},
                             (double)hsum<C>(d)};
-      acc = kl_merge(acc, chunk, forward(), KzExp{(double)kz});
+      acc = merge(acc, chunk);
     }
     return acc;
   }
+  Part merge(const Part& p, const Part& q) const { return kl_merge(p, q, forward(), KzExp{(double)kz}); }
 
   typedef KLElem<C, V<C>> Elem;  // p, q and the Jensen-Shannon log-ratios (lmxent/row_math.h)
 
@@ -112,16 +121,19 @@ struct KLOp {
     }
   }
 
-  void row(int64_t r) const {
-    const int64_t cols = a.student.cols;
-    T* g = a.grad.data ? (T*)a.grad.data + r * a.grad.stride : nullptr;
+  // The row's loss and what its gradient needs.
+  struct Row {
+    bool masked, ok;
+    LogProb<C> ls, lt;
+    C base, f;  // the gradient's sum_k p_k c_k (reverse: KL; JS: js_p / 2), and kz times the row's factor
+  };
+  Row finish(int64_t r, const Part& p) const {
     C* loss = (C*)a.loss;
-    if (a.row_mask && !a.row_mask[r]) {
+    if (masked(r)) {
       if (loss) loss[r] = 0;
-      if (g) row_emit(g, 0, cols, [](int64_t, int64_t) { return V<C>{}; });
-      return;
+      return Row{true, false, {}, {}, 0, 0};
     }
-    const KLPartial p = pass1(r, cols);
+    const int64_t cols = a.student.cols;
     const bool ok = lse_defined(p.s.m, p.s.s) && lse_defined(p.t.m, p.t.s);
     const double log_ss = ::log(p.s.s), log_st = ::log(p.t.s);
     const LogProb<C> ls{(C)p.s.m, kz, (C)log_ss}, lt{(C)p.t.m, kz, (C)log_st};
@@ -137,29 +149,34 @@ struct KLOp {
     }
     kl = kl_clamp(kl);
     if (loss) loss[r] = (C)kl;
-    if (!g) return;
     const C f = (C)((double)kz * a.grad_scale * (a.grad_rows ? (double)((const C*)a.grad_rows)[r] : 1.0));
-    const C base = (C)(a.dir == KLDirection::JS ? 0.5 * js_p : kl);
+    return Row{false, ok, ls, lt, (C)(a.dir == KLDirection::JS ? 0.5 * js_p : kl), f};
+  }
+
+  // The gradient over the columns [c0, c1).
+  void pass2(int64_t r, const Row& k, int64_t c0, int64_t c1, const Keep<C>*) const {
+    if (!a.grad.data) return;
+    T* g = (T*)a.grad.data + r * a.grad.stride;
+    if (k.masked) {
+      row_emit(g, c0, c1, [](int64_t, int64_t) { return V<C>{}; });
+      return;
+    }
     const bool js = a.dir == KLDirection::JS;
-    row_emit(g, 0, cols, [&](int64_t j, int64_t n) {
+    row_emit(g, c0, c1, [&](int64_t j, int64_t n) {
       V<C> us, ut;
       at(xs(r), xt(r), j, n, us, ut);
-      if (!ok) return splat<C>((C)NAN);
-      return Elem(us, ut, ls, lt, js).grad(a.dir, base) * f;
+      if (!k.ok) return splat<C>((C)NAN);
+      return Elem(us, ut, k.ls, k.lt, js).grad(a.dir, k.base) * k.f;
     });
   }
+  void after(int64_t, const Row&) const {}
 };
 
 void kernel(const KLArgs& a) {
   with_dtype(a.student.dtype, [&](auto* tag) {
     typedef typename std::remove_pointer<decltype(tag)>::type T;
     typedef typename Compute<T>::type C;
-    const KLOp<T> op{a, (C)a.tr.scale};
-    const int64_t rows = a.student.rows;
-    const int nt = threads_for(rows * a.student.cols);
-    parallel_rows(rows, nt, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) op.row(r);
-    });
+    run_rows(a.student.rows, a.student.cols, KLOp<T>{a, (C)a.tr.scale});
   });
 }
 

@@ -19,14 +19,16 @@ struct SoftmaxOp {
 
   const T* x(int64_t r) const { return (const T*)a.x.data + r * a.x.stride; }
   bool keeps() const { return a.out.data && !Log; }
-  Partial partial(int64_t r, int64_t c0, int64_t c1, const Keep<C>* keep) const {
-    return row_partial(x(r), c0, c1, tr, NoSpread<C>(), keep);
+  typedef LsePart Part;
+  Part partial(int64_t r, int64_t c0, int64_t c1, const Keep<C>* keep) const {
+    return row_partial<Part>(x(r), c0, c1, tr, NoSpread<C>(), keep);
   }
+  Part merge(const Part& p, const Part& q) const { return cpu::merge(p, q); }
   struct Row {
     double lse;
     RowShift sh;
   };
-  Row finish(int64_t r, const Partial& p) const {
+  Row finish(int64_t r, const Part& p) const {
     const double lse = lse_final(p.st, dlog);
     if (a.lse) ((C*)a.lse)[r] = (C)lse;
     return {lse, RowShift(p.mu, p.st.s, lse, true)};

@@ -3,8 +3,8 @@
 // formulas are in lmxent/contract.h, TokenStatsArgs).
 //
 // Memory traffic: one read of each logit. The entropy sum rides in the same
-// exp loop as the LSE (row_partial with Stats); the rank count re-reads each
-// chunk from L1. No pass 2.
+// exp loop as the LSE (row_partial into a StatsPart); the rank count re-reads
+// each chunk from L1. No pass 2.
 #include "../rows.h"
 
 namespace lmxent {
@@ -24,13 +24,15 @@ struct TokenStatsOp {
   }
   bool keeps() const { return false; }
 
-  Partial partial(int64_t r, int64_t c0, int64_t c1, const Keep<C>*) const {
+  typedef StatsPart Part;
+  Part partial(int64_t r, int64_t c0, int64_t c1, const Keep<C>*) const {
     const int64_t t = target(r);
     const RankOf<C> rank{t >= 0 ? to_compute(x(r)[t]) : (C)0, t};
-    return row_partial<T, Tr<C, false>, NoSpread<C>, true>(x(r), c0, c1, tr, NoSpread<C>(), nullptr, &rank);
+    return row_partial<Part>(x(r), c0, c1, tr, NoSpread<C>(), nullptr, &rank);
   }
+  Part merge(const Part& p, const Part& q) const { return cpu::merge(p, q); }
 
-  int finish(int64_t r, const Partial& p) const {
+  int finish(int64_t r, const Part& p) const {
     const int64_t t = target(r);
     token_stats_row<C>(a, r, p.st, p.h, p.mu, tr.kz, t, t < 0 ? 0.0 : (double)to_compute(x(r)[t]), p.above);
     return 0;

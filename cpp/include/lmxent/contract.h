@@ -1,7 +1,9 @@
 // The kernel contract shared by the CPU and CUDA backends: what a kernel takes
 // (row-major 2-D views, options) and the scalar math of one row (online
-// log-sum-exp state and its merge, the cross-entropy loss and gradient
-// coefficients). Backends differ only in how they walk memory.
+// log-sum-exp state and its merge, the KL sums, the cross-entropy loss and
+// gradient coefficients); lmxent/row_math.h builds the rest of a row's math
+// on it (the transform, z - lse, per-row outputs). Backends differ only in
+// how they walk memory.
 //
 // Each op's argument struct is followed by LMXENT_OP(Args), which declares its
 // kernels: the CPU kernel in every instruction-set namespace (cpu::run in
@@ -18,10 +20,15 @@
 #include <stddef.h>
 #include <stdint.h>
 
+// LMXENT_HOT: element code of the hot loops. GCC's inliner gives up on the
+// vector math inside the large pass-2 bodies (a call per vector, its
+// constants reloaded each time), so the CPU build forces it.
 #ifdef __CUDACC__
 #define LMXENT_HD __host__ __device__ __forceinline__
+#define LMXENT_HOT LMXENT_HD
 #else
 #define LMXENT_HD inline
+#define LMXENT_HOT inline __attribute__((always_inline))
 #endif
 #ifndef LMXENT_ISA
 #define LMXENT_ISA generic
@@ -87,9 +94,15 @@ LMXENT_OP(SoftmaxArgs)
 // log-sum-exp and t_j the "spread" target term (see ce_spread below):
 //   loss = hard_w * (lse - z_t) + lse * sum_j t_j - sum_j t_j z_j + z_loss * lse^2
 //   dL/dz_j = A * p_j - t_j - hard_w * [j == t],  A = hard_w + sum_j t_j + 2 z_loss lse
+// Vocabulary slices (lmxent.distributed): with vocab_slice, the class id -1
+// (unless it is ignore_index) marks a counted row whose target lies in another
+// slice: no hard term here (hard_w = 0, no z_t). grad_coef gives each row's A,
+// formed from the whole vocabulary by the caller.
 struct CEArgs {
   View2D logits;
   const int64_t* targets = nullptr; // class ids (validated), or nullptr
+  bool vocab_slice = false;
+  const void* grad_coef = nullptr;  // rows values of C, or nullptr
   View2D probs;                     // probability targets in C, or data == nullptr
   const void* class_weight = nullptr; // V values of C, or nullptr
   int64_t ignore_index = -100;
@@ -251,7 +264,7 @@ template <class C>
 struct LogProb {
   C m, kz, log_s;
   template <class U>
-  LMXENT_HD U operator()(U u) const { return (u - m) * kz - log_s; }
+  LMXENT_HOT U operator()(U u) const { return (u - m) * kz - log_s; }
 };
 
 // Entropy rides along the online LSE as h = sum_j exp(z_j - m) (z_j - m), so

@@ -64,10 +64,10 @@ struct Factor {
     lo2 = (C)ldexp(1.0, e2);
   }
   template <class U>
-  LMXENT_HD U operator()(U v) const { return wide ? v * hi * lo1 * lo2 : v * hi; }
+  LMXENT_HOT U operator()(U v) const { return wide ? v * hi * lo1 * lo2 : v * hi; }
   // the same, with the range handling only when Wide (a loop picks it once)
   template <bool Wide, class U>
-  LMXENT_HD U mul(U v) const { return Wide ? (*this)(v) : v * hi; }
+  LMXENT_HOT U mul(U v) const { return Wide ? (*this)(v) : v * hi; }
 };
 
 // The element transform of the contract. SC: softcap on.
@@ -93,7 +93,7 @@ struct Tr {
   // u; under a softcap also th = tanh(s x / cap), the slope's factor (u / cap
   // loses it where cap is tiny)
   template <class U>
-  LMXENT_HD U pre(U x, U* th = nullptr) const {
+  LMXENT_HOT U pre(U x, U* th = nullptr) const {
     if (!SC) return x;
     const U y = w(x), t = P::tanh(y);
     if (th) *th = t;
@@ -106,7 +106,7 @@ struct Tr {
   LMXENT_HD double one_u(C x) const { return SC ? (double)P::lane0(pre(P::splat(x))) : (double)x; }
   // v dz/dx: v s, times 1 - th^2 under a softcap
   template <bool Wide = true, class U>
-  LMXENT_HD U times_slope(U v, U th) const {
+  LMXENT_HOT U times_slope(U v, U th) const {
     return scale.template mul<Wide>(SC ? v * ((C)1 - th * th) : v);
   }
   LMXENT_HD bool wide() const { return scale.wide; }
@@ -133,7 +133,7 @@ struct LseSplit {
   LMXENT_HD explicit LseSplit(double lse)
       : hi((C)lse), lo(lse > -(double)INFINITY && lse < (double)INFINITY ? (C)(lse - (double)(C)lse) : (C)0) {}
   template <class U>
-  LMXENT_HD U sub(U z) const { return (z - hi) - lo; }
+  LMXENT_HOT U sub(U z) const { return (z - hi) - lo; }
 };
 
 // z - lse in pass 2, as kz (u - M) - L with L = lse - kz M, the log of the
@@ -166,7 +166,7 @@ struct ShiftV {
   LMXENT_HD ShiftV(const RowShift& r, double kz) : M((C)r.M), kz(kz), L(r.L), L_inf(r.L == (double)INFINITY) {}
   LMXENT_HD bool wide() const { return kz.wide || L_inf; }
   template <bool Wide = true, class U>
-  LMXENT_HD U sub(U u) const {
+  LMXENT_HOT U sub(U u) const {
     if (Wide && L_inf) return P::select(u == (C)INFINITY, P::splat((C)NAN), P::splat(-(C)INFINITY));
     return L.sub(kz.template mul<Wide>(u - M));
   }
@@ -175,7 +175,8 @@ struct ShiftV {
 // ---- cross-entropy rows ----------------------------------------------------------
 
 // A row's scalars, in double: the LSE's rounding to float would otherwise
-// enter every probability. t: the target column (-1 for probability targets).
+// enter every probability. t: the target column (-1 for probability targets
+// and a target in another vocabulary slice: no hard term).
 // state: 0 counted, 1 ignored (zero gradient), 2 a bad class id (CUDA's
 // deferred validation: NaN loss and gradient).
 struct CERow {
@@ -191,14 +192,14 @@ struct CERow {
 template <class C>
 LMXENT_HD void ce_row(const CEArgs& a, int64_t r, double kz, double hard_k, double t_sum, double tz_sum,
                       bool write, CERow& k) {
-  const bool prob = a.probs.data != nullptr;
+  const bool hard = k.t >= 0;
   const C* w = (const C*)a.class_weight;
-  k.hard_w = prob ? 0.0 : hard_k * (w ? (double)w[k.t] : 1.0);
+  k.hard_w = hard ? hard_k * (w ? (double)w[k.t] : 1.0) : 0.0;
   if (write && a.loss) {
-    const double lse_zt = prob ? 0.0 : -k.sh.logp(kz, k.u_t);
+    const double lse_zt = hard ? -k.sh.logp(kz, k.u_t) : 0.0;
     ((C*)a.loss)[r] = (C)ce_loss(k.lse, lse_zt, k.hard_w, t_sum, tz_sum, a.z_loss);
   }
-  k.A = ce_grad_coef(k.lse, k.hard_w, t_sum, a.z_loss);
+  k.A = a.grad_coef ? (double)((const C*)a.grad_coef)[r] : ce_grad_coef(k.lse, k.hard_w, t_sum, a.z_loss);
   k.rs = a.grad_scale * (a.grad_rows ? (double)((const C*)a.grad_rows)[r] : 1.0);
 }
 
@@ -213,6 +214,19 @@ LMXENT_HD double ce_target_grad(const CERow& k, double kz, double t_t, double sl
 }
 
 // ---- token statistics --------------------------------------------------------------
+
+// The target's value and column: u_j ranks above it when u_j > ut, or when
+// u_j == ut at a column j < t (the target's place in a stable descending
+// sort; before: j < t). t < 0: no rank (ignored or out-of-range target).
+template <class C>
+struct RankOf {
+  C ut;
+  int64_t t;
+};
+template <class U, class C, class B>
+LMXENT_HOT auto ranks_above(U u, C ut, B before) {
+  return (u > ut) | ((u == ut) & before);
+}
 
 // The row's outputs from its merged state: st the LSE state of z (st.m = kz
 // mu), h the entropy sum of z (ent_merge), mu the largest u, above the count
@@ -253,7 +267,7 @@ LMXENT_HD double kl_clamp(double kl) { return kl < 0 ? 0.0 : kl; }
 // entry is -inf): the entropy and KL sums weight d by a probability.
 // Guard false: the caller knows no e is 0 where d may be infinite.
 template <class C, bool Guard = true, class U>
-LMXENT_HD U weighted(U e, U d) {
+LMXENT_HOT U weighted(U e, U d) {
   return Guard ? Prims<C>::select(e > (C)0, e * d, Prims<C>::splat((C)0)) : e * d;
 }
 
@@ -264,7 +278,7 @@ template <class C, class U>
 struct KLElem {
   typedef Prims<C> P;
   U ls, lt, p, q, lpm, lqm;
-  LMXENT_HD KLElem(U us, U ut, const LogProb<C>& lps, const LogProb<C>& lpt, bool js)
+  LMXENT_HOT KLElem(U us, U ut, const LogProb<C>& lps, const LogProb<C>& lpt, bool js)
       : ls(lps(us)), lt(lpt(ut)), p(P::exp_neg(ls)), q(P::exp_neg(lt)) {
     if (js) {
       const U dd = lt - ls, ad = P::max(dd, -dd), zero = P::splat((C)0);
@@ -276,7 +290,7 @@ struct KLElem {
   }
   // d KL / d zs_j / kz: forward p - q; reverse and Jensen-Shannon p (c - base)
   // with c = log p - log q (reverse), log(p / m) / 2 (JS), base = sum_k p_k c_k.
-  LMXENT_HD U grad(KLDirection dir, C base) const {
+  LMXENT_HOT U grad(KLDirection dir, C base) const {
     if (dir == KLDirection::Forward) return p - q;
     const U c = dir == KLDirection::JS ? lpm * (C)0.5 : ls - lt;
     return weighted<C>(p, c - base);
