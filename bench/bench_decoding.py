@@ -17,7 +17,6 @@ differ (different generators); lx.sample is checked against lmxent.reference fir
     python bench/bench_decoding.py --rows 8 --vocab 32000
 """
 import argparse
-import os
 import sys
 
 import numpy as np
@@ -70,28 +69,29 @@ def main(argv=None):
     except ImportError:
         torch = None
     for dtype in (np.float32, lx.bfloat16_dtype()):
-        if dtype is None:
-            continue
-        x = base.astype(dtype)
-        name = np.dtype(dtype).name
-        got = lx.sample(x, num_logprobs=5, **OPTS)
-        want = R.sample(x.astype(np.float64), num_logprobs=5, **OPTS)
-        assert np.array_equal(got.tokens, want.tokens), "lx.sample differs from the reference"
-        t_lx = best_time(lambda: lx.sample(x, num_logprobs=5, **OPTS), lambda: None, *TIMING)
-        dst = np.empty_like(x)
-        t_copy = best_time(lambda: np.copyto(dst, x), lambda: None, *TIMING)
-        gbs = x.nbytes / t_lx / 1e9
-        print(f"{args.rows}x{args.vocab} {name}: lmxent sample {t_lx * 1e3:8.2f} ms "
-              f"({gbs:.1f} GB/s of logits; a copy of them: {2 * x.nbytes / t_copy / 1e9:.1f} GB/s)")
-        if torch is None:
-            continue
-        tx = torch.from_numpy(base).to(torch.bfloat16 if name == "bfloat16" else torch.float32)
-        for label, fn in torch_pipelines(torch).items():
-            fn(tx)
-            t = best_time(lambda fn=fn: fn(tx), lambda: None, *TIMING)
-            print(f"{'':>{len(str(args.rows)) + len(str(args.vocab)) + len(name) + 3}}"
-                  f"{label:>13} {t * 1e3:8.2f} ms  lmxent is {t / t_lx:5.1f}x faster")
+        if dtype is not None:
+            measure(base, base.astype(dtype), torch, args)
 
+
+def measure(base, x, torch, args):
+    name = np.dtype(x.dtype).name
+    got = lx.sample(x, num_logprobs=5, **OPTS)
+    want = R.sample(x.astype(np.float64), num_logprobs=5, **OPTS)
+    assert np.array_equal(got.tokens, want.tokens), "lx.sample differs from the reference"
+    t_lx = best_time(lambda: lx.sample(x, num_logprobs=5, **OPTS), lambda: None, *TIMING)
+    dst = np.empty_like(x)
+    t_copy = best_time(lambda: np.copyto(dst, x), lambda: None, *TIMING)
+    gbs = x.nbytes / t_lx / 1e9
+    print(f"{args.rows}x{args.vocab} {name}: lmxent sample {t_lx * 1e3:8.2f} ms "
+          f"({gbs:.1f} GB/s of logits; a copy of them: {2 * x.nbytes / t_copy / 1e9:.1f} GB/s)")
+    if torch is None:
+        return
+    tx = torch.from_numpy(base).to(torch.bfloat16 if name == "bfloat16" else torch.float32)
+    for label, fn in torch_pipelines(torch).items():
+        fn(tx)
+        t = best_time(lambda fn=fn: fn(tx), lambda: None, *TIMING)
+        print(f"{'':>{len(str(args.rows)) + len(str(args.vocab)) + len(name) + 3}}"
+              f"{label:>13} {t * 1e3:8.2f} ms  lmxent is {t / t_lx:5.1f}x faster")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -481,6 +481,80 @@ def test_calibration_matches_reference(n, n_bins, seed):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
 
 
+# --------------------------------------------------------------------- decoding
+
+@st.composite
+def decode_options(draw, lead, V):
+    """process_logits / sample options: each a scalar, or an array of the leading shape."""
+    def per_row(values):
+        if lead and draw(st.booleans()):
+            return np.asarray(draw(st.lists(st.sampled_from(values), min_size=math.prod(lead),
+                                            max_size=math.prod(lead)))).reshape(lead)
+        return draw(st.sampled_from(values))
+    opts = dict(temperature=per_row([0.0, 0.5, 1.0, 2.0]), top_k=per_row([0, 1, 3, V + 1]),
+                top_p=per_row([0.3, 0.9, 1.0]), min_p=per_row([0.0, 0.05, 0.5]))
+    if draw(st.booleans()):
+        opts["logit_bias"] = {draw(st.integers(0, V - 1)): draw(st.sampled_from([-np.inf, 5.0]))}
+    if draw(st.booleans()):
+        opts["prev_tokens"] = np.random.default_rng(V).integers(-1, V, lead + (4,))
+        opts["repetition_penalty"] = per_row([1.0, 1.3])
+        opts["frequency_penalty"] = per_row([0.0, 0.5])
+    return opts
+
+
+@given(st.data())
+def test_process_logits_and_sample_match_reference(data):
+    from test_decoding import assert_processed, assert_samples
+
+    lead, V = data.draw(shapes())
+    x, x64, dt = data.draw(logits(lead, V))
+    opts = data.draw(decode_options(lead, V))
+    before = x.copy()
+    assert_processed(lx.process_logits(x, **opts), x.astype(dt), dt, **opts)
+    n = data.draw(st.integers(0, 6))
+    of = data.draw(st.sampled_from(["raw", "processed"]))
+    seed, offset = data.draw(st.integers(0, 2**64 - 1)), data.draw(st.integers(0, 2**32))
+    got = lx.sample(x, seed=seed, offset=offset, num_logprobs=n, logprobs_of=of, **opts)
+    event(f"tokens differ at a rounding boundary: "
+          f"{assert_samples(got, x, seed, offset, num_logprobs=n, logprobs_of=of, **opts)}")
+    unchanged(before, x)
+
+
+@given(st.data())
+def test_top_k_matches_reference(data):
+    lead, V = data.draw(shapes())
+    x, x64, dt = data.draw(logits(lead, V))
+    k = data.draw(st.integers(0, V))
+    values, ids = lx.top_k(x, k)
+    want_values, want_ids = R.top_k(x64, k)
+    np.testing.assert_array_equal(ids, want_ids)
+    same(values, want_values)
+    assert values.dtype == dt and ids.dtype == np.int64
+
+
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 30), st.integers(0, 2**32 - 1),
+       st.booleans())
+def test_beam_search_step_matches_reference(batch, W, V, seed, with_eos):
+    rng = np.random.default_rng(seed)
+    scores = rng.normal(size=(batch, W))
+    logprobs = R.log_softmax(rng.normal(size=(batch, W, V)))
+    kw = dict(finished=rng.random((batch, W)) < 0.3, eos_id=0) if with_eos else {}
+    for got, want in zip(lx.beam_search_step(scores, logprobs, W, **kw),
+                         R.beam_search_step(scores, logprobs, W, **kw)):
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("opt, bad", [("temperature", -1.0), ("temperature", math.nan),
+                                      ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5),
+                                      ("min_p", -0.1), ("repetition_penalty", 0.0)])
+@pytest.mark.parametrize("fn", ["process_logits", "sample"])
+def test_bad_decoding_options_name_the_option(fn, opt, bad):
+    x = np.zeros((2, 5), np.float32)
+    with pytest.raises(ValueError) as e:
+        getattr(lx, fn)(x, **{opt: bad})
+    names(e, opt)
+
+
 # ------------------------------------------------- settings and small functions
 
 @given(st.sampled_from(ISAS), st.integers(1, 4), softmax_case())
@@ -521,7 +595,9 @@ COVERED = ["logsumexp", "log_softmax", "softmax", "cross_entropy", "cross_entrop
            "cpu_info", "set_cpu_isa", "set_num_threads", "bfloat16_dtype",
            "sequence_scores", "answer_mask", "perplexity", "bits_per_byte", "calibration",
            "token_stats", "TokenStats", "kl_divergence", "set_cuda_validation",
-           "check_cuda_errors", "set_output_cache", "output_cache_info", "get_num_threads"]
+           "check_cuda_errors", "set_output_cache", "output_cache_info", "get_num_threads",
+           "process_logits", "sample", "Samples", "top_k", "beam_search_step",
+           "beam_search", "Beams"]  # beam_search: its steps are beam_search_step's
 
 
 # ------------------------------------------------------------------ bad input

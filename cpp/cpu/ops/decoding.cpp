@@ -5,12 +5,10 @@
 //
 // Memory traffic: see lmxent/decoding.h (one read of the logits into a row
 // buffer, passes over the buffer, then only the survivors; one write of the
-// processed row when asked). The raw log-probabilities' log-sum-exp is the
-// softmax kernel's, one vectorised read before the rows.
+// processed row when asked).
 #include <stdlib.h>
 
 #include <new>
-#include <vector>
 
 #include "../rows.h"
 #include "lmxent/decoding.h"
@@ -38,12 +36,8 @@ struct Buffers {
 };
 thread_local Buffers tl_buffers;
 
-// Beyond this max logit, m + log(sum) would round log(sum) away (the reference's
-// cut too).
-constexpr double kHugeLogit = 1048576.0;
-
 template <class T>
-void decode_rows(const DecodeArgs& a, const typename Compute<T>::type* raw_lse, int64_t r0, int64_t r1) {
+void decode_rows(const DecodeArgs& a, int64_t r0, int64_t r1) {
   typedef typename Compute<T>::type C;
   const int64_t V = a.logits.cols;
   const DecodeScratch s =
@@ -54,11 +48,7 @@ void decode_rows(const DecodeArgs& a, const typename Compute<T>::type* raw_lse, 
     auto raw = [x](int64_t j) { return (double)to_compute(x[j]); };
     decode_one(a, r, raw,
                [o](int64_t j, double v) { from_compute(o + j, (C)v); },
-               [&](double m) {
-                 // the softmax kernel's LSE where it keeps the sum's digits (C math:
-                 // float32 for float logits, like the other kernels), else exactly
-                 return fabs(m) <= kHugeLogit ? (double)raw_lse[r] - m : dec_log_sum(raw, V, m);
-               },
+               [&](double m) { return dec_log_sum(raw, V, m); },
                s, decode_zs(s, a.prev_len));
   }
 }
@@ -81,17 +71,8 @@ void top_k_rows(const TopKArgs& a, int64_t r0, int64_t r1) {
 void kernel(const DecodeArgs& a) {
   with_dtype(a.logits.dtype, [&](auto* tag) {
     typedef typename std::remove_pointer<decltype(tag)>::type T;
-    typedef typename Compute<T>::type C;
-    // the raw rows' log-sum-exp by the softmax kernel (one vectorised read)
-    std::vector<C> lse(a.tokens && a.logprobs_raw ? a.logits.rows : 0);
-    if (!lse.empty()) {
-      SoftmaxArgs sa;
-      sa.x = a.logits;
-      sa.lse = lse.data();
-      kernel(sa);
-    }
     parallel_rows(a.logits.rows, threads_for(a.logits.rows * a.logits.cols),
-                  [&](int64_t r0, int64_t r1) { decode_rows<T>(a, lse.data(), r0, r1); });
+                  [&](int64_t r0, int64_t r1) { decode_rows<T>(a, r0, r1); });
   });
 }
 
