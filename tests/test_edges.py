@@ -167,7 +167,15 @@ CE_OPTIONS = [dict(logit_scale=1e-46), dict(logit_scale=1e-300), dict(logit_scal
               dict(logit_scale=1e39), dict(logit_scale=1e300), dict(logit_scale=1e30),
               dict(softcap=1e300), dict(softcap=1e39), dict(softcap=1e-300), dict(softcap=1e-40),
               dict(z_loss=1e39), dict(label_smoothing=0.3, logit_scale=1e-300),
-              dict(label_smoothing=0.3, logit_scale=1e20)]
+              dict(label_smoothing=0.3, logit_scale=1e20), dict(z_loss=1e300, logit_scale=1e-200),
+              dict(softcap=1e39, logit_scale=1e30),
+              # known defects (issue 15): 16-bit and float32 logits, logit_scale beyond
+              # their range: the target column's gradient with a tiny z_loss; the label-
+              # smoothing sum, which cancels t_sum * lse against kz * sum_j t_j u_j
+              pytest.param(dict(z_loss=1e-300, logit_scale=1e300), marks=pytest.mark.xfail(
+                  reason="issue 15: target gradient with z_loss at a logit_scale beyond C")),
+              pytest.param(dict(label_smoothing=0.1, logit_scale=1e300), marks=pytest.mark.xfail(
+                  reason="issue 15: label-smoothing sum cancels at |logit_scale * x| > ~1e16"))]
 
 
 def _ce_ids(kw):

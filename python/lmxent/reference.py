@@ -139,7 +139,9 @@ def cross_entropy(logits, targets, *, weight=None, ignore_index=-100, reduction=
     lse = lse[..., 0]
     with np.errstate(invalid="ignore", over="ignore"):  # 0 * inf where b_j == 0 and z_j == -inf
         terms = np.where(b != 0, -b * lsm, 0.0)
-        zl = z_loss * lse**2 if z_loss != 0 else 0.0  # z_loss 0 adds 0, even to an infinite lse
+        # z_loss 0 adds 0, even to an infinite lse; (z_loss * lse) * lse: no overflow of lse**2
+        # when z_loss is tiny
+        zl = (z_loss * lse) * lse if z_loss != 0 else 0.0
         loss = np.where(mask, terms.sum(axis=-1) + zl, 0.0)
     if reduction == "sum":
         loss = np.float64(loss.sum())
