@@ -49,14 +49,29 @@ LMXENT_HD void dec_sort(E* a, int64_t n, const Before& before) {
   }
 }
 
-struct Ascending {
-  template <class E>
-  LMXENT_HD bool operator()(E a, E b) const { return a < b; }
-};
 struct Descending {
   LMXENT_HD bool operator()(double a, double b) const { return a > b; }
 };
 
+// Sorts a[0..n) descending: up to 64 entries by their ranks (each entry's
+// place is the count of entries before it; compares, no branches to
+// mispredict, unlike a heap sort's), more by dec_sort.
+LMXENT_HD void sort_descending(double* a, int64_t n) {
+  constexpr int64_t kRankSort = 64;
+  if (n > kRankSort) return dec_sort(a, n, Descending());
+  double out[kRankSort];
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t place = 0;
+    for (int64_t j = 0; j < n; ++j) place += a[j] > a[i] || (a[j] == a[i] && j < i);
+    out[place] = a[i];
+  }
+  for (int64_t i = 0; i < n; ++i) a[i] = out[i];
+}
+
+struct Ascending {
+  template <class E>
+  LMXENT_HD bool operator()(E a, E b) const { return a < b; }
+};
 // The k-th largest (k in [1, n]) of v[0..n), no NaN; v is reordered.
 // Quickselect with branch-free partitions (a compare decides an index step,
 // not a jump: random data would mispredict every other branch): the entries
@@ -167,7 +182,7 @@ LMXENT_HD int64_t top_p_filter(const double* y, double m, int64_t* ids, int64_t 
     int64_t nc = 0;
     for (int64_t i = 0; i < n; ++i)
       if (all || y[ids[i]] >= m - d) tmp[nc++] = ::exp(y[ids[i]] - m) / S;
-    dec_sort(tmp, nc, Descending());
+    sort_descending(tmp, nc);
     double cum = 0;
     for (int64_t i = 0; i < nc; ++i) {
       cum += tmp[i];

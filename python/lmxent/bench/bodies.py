@@ -106,3 +106,27 @@ def jax_head(jax, h, w, t):
                          preferred_element_type=jax.numpy.float32)
     return xp_ce(jax.numpy, z, t).mean()
 
+
+
+# Decoding (temperature, top-k, top-p: spec.DECODING) the HF transformers way: top-k
+# by torch.topk's k-th value, top-p by a full sort, softmax and cumsum (a token stays
+# while the mass before it is < top_p), torch.multinomial; the raw logits' top-n
+# log-probabilities by log_softmax and topk.
+
+def torch_process_hf(torch, x, temperature, top_k, top_p):
+    z = x.float() / temperature
+    z = z.masked_fill(z < torch.topk(z, top_k, -1).values[:, -1:], -float("inf"))
+    sz, idx = torch.sort(z, descending=True)
+    p = torch.softmax(sz, -1)
+    return z.scatter(-1, idx, sz.masked_fill(p.cumsum(-1) - p >= top_p, -float("inf")))
+
+
+def torch_sample_hf(torch, x, n, **opts):
+    """(top_ids, top_logprobs) of the raw logits, after drawing a token (not
+    returned: torch's generator is not lmxent's, so the draws are not compared)."""
+    z = torch_process_hf(torch, x, **opts)
+    tok = torch.multinomial(torch.softmax(z, -1), 1)
+    lp = torch.log_softmax(x.float(), -1)
+    lp.gather(-1, tok)  # the token's log-probability, as a server returns it
+    top = lp.topk(n, -1)
+    return top.indices, top.values
