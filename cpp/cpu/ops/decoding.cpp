@@ -135,12 +135,26 @@ bool decode_fast(const DecodeArgs& a, int64_t r, const T* x, const T* next, T* o
     cy[i] = cx[i] / temp;
     s.ids[i] = i;
   }
-  const DecodeRow d{decode_filters(a, r, cy, mr / temp, s.ids, n, s.tmp), mr / temp, false, cids};
-  auto raw_stats = [&](int64_t t) {
+  // The raw log-sum: the candidates' terms in double, then the float sum below th.
+  double sum = 0;
+  if (raw) {
     V<double> acc = {};
     for (int64_t i = n; i % WD; ++i) cx[i] = -inf;
     for (int64_t i = 0; i < n; i += WD) acc += vexp_neg(load(cx + i) - mr);
-    const double sum = hsum<double>(acc) + ::exp(th - mr) * below;
+    sum = hsum<double>(acc) + ::exp(th - mr) * below;
+  }
+  // Narrowed to the entries >= the kk-th largest (about kk of ~8V/1024): still
+  // every top-k survivor, every entry above one (its rank) and the top-n.
+  if (n > 2 * kk) {
+    for (int64_t i = 0; i < n; ++i) s.tmp[i] = cx[i];
+    const double t2 = kth_largest(s.tmp, n, kk);
+    int64_t w = 0;
+    for (int64_t i = 0; i < n; ++i)
+      if (cx[i] >= t2) cids[w] = cids[i], cx[w] = cx[i], cy[w] = cy[i], s.ids[w] = w, ++w;
+    n = w;
+  }
+  const DecodeRow d{decode_filters(a, r, cy, mr / temp, s.ids, n, s.tmp), mr / temp, false, cids};
+  auto raw_stats = [&](int64_t t) {
     decode_logprobs(a, r, t, (double)to_compute(x[t]), [&](auto f) {
       for (int64_t i = 0; i < n; ++i) f(cids[i], cx[i]);
     }, [&](double) { return ::log(sum); }, false, zs);
