@@ -69,6 +69,52 @@ constexpr int64_t kSample = 1024;  // entries read for the candidate threshold
 // The sampled entries of a row of `cols` (as select_candidates reads them).
 inline int64_t sample_at(int64_t i, int64_t cols, int64_t ns) { return i * cols / ns; }
 
+// The fast path's pass over a row: its max, whether it holds a NaN, the
+// candidates x >= th (ascending, into ids) and, with Raw, sum exp(x - th) over
+// the entries below th (a NaN reaches that sum: no separate check). Prefetches
+// the sample of the next row (`next`, or nullptr) as it goes.
+struct Scan {
+  float max;
+  bool nan;
+  int64_t n;
+  double below;
+};
+template <bool Raw, class T>
+Scan scan_row(const T* x, int64_t cols, float th, int64_t* ids, const T* next, int64_t ns) {
+  typedef float C;
+  constexpr int W = Vec<C>::W;
+  const V<C> tv = splat<C>(th);
+  V<C> mx0 = splat<C>(-(C)INFINITY), mx1 = mx0;
+  VI<C> nan = {};
+  int64_t n = 0;
+  double below = 0;
+  auto visit = [&](V<C> v, int64_t j, V<C>& e, V<C>& mx) {
+    mx = vmax<C>(mx, v);
+    if (!Raw) nan |= v != v;
+    V<C> ev = Raw ? vexp_neg(v - tv) : V<C>{};
+    if (uint32_t ge = mask_ge(v, tv)) {
+      ev = v >= tv ? V<C>{} : ev;
+      for (; ge; ge &= ge - 1) ids[n++] = j + __builtin_ctz(ge);
+    }
+    if (Raw) e += ev;
+  };
+  for (int64_t b = 0, i = 0; b < cols; b += kChunk) {
+    const int64_t nb = imin(kChunk, cols - b), nv = nb - nb % W;
+    for (; next && i < ns && sample_at(i, cols, ns) < b + nb; ++i)
+      __builtin_prefetch(next + sample_at(i, cols, ns), 0, 3);
+    V<C> e0 = {}, e1 = {};
+    int64_t j = b;
+    for (; j + 2 * W <= b + nv; j += 2 * W) {
+      visit(load(x + j), j, e0, mx0);
+      visit(load(x + j + W), j + W, e1, mx1);
+    }
+    if (j < b + nv) visit(load(x + j), j, e0, mx0), j += W;
+    if (j < b + nb) visit(load_partial(x + j, b + nb - j, -(C)INFINITY), j, e1, mx1);
+    if (Raw) below += (double)hsum<C>(e0 + e1);
+  }
+  return {hmax<C>(vmax<C>(mx0, mx1)), Raw ? below != below : cpu::any<C>(nan), n, below};
+}
+
 // The fast path of row r (see the file comment); false: not taken, nothing
 // written. next: the next row's logits (its sample is prefetched during the
 // pass), or nullptr.
@@ -92,41 +138,14 @@ bool decode_fast(const DecodeArgs& a, int64_t r, const T* x, const T* next, T* o
   }
   const double th = kth_largest(s.tmp, ns, si);
   if (th == -inf) return false;
-  // The pass: max, NaN, candidates (ascending, into s.ids), and sum exp(x - th) below th.
-  const V<C> tv = splat<C>((C)th);
-  V<C> mx = splat<C>(-(C)INFINITY);
-  VI<C> nan = {};
-  int64_t n = 0;
-  double below = 0;
-  auto visit = [&](V<C> v, int64_t j, V<C>& e) {
-    mx = vmax<C>(mx, v);
-    nan |= v != v;
-    V<C> ev = raw ? vexp_neg(v - tv) : V<C>{};
-    if (uint32_t ge = mask_ge(v, tv)) {
-      ev = v >= tv ? V<C>{} : ev;
-      for (; ge; ge &= ge - 1) s.ids[n++] = j + __builtin_ctz(ge);
-    }
-    if (raw) e += ev;
-  };
-  for (int64_t b = 0, i = 0; b < cols; b += kChunk) {
-    const int64_t nb = imin(kChunk, cols - b), nv = nb - nb % W;
-    for (; next && i < ns && sample_at(i, cols, ns) < b + nb; ++i)
-      __builtin_prefetch(next + sample_at(i, cols, ns), 0, 3);
-    V<C> e0 = {}, e1 = {};
-    int64_t j = b;
-    for (; j + 2 * W <= b + nv; j += 2 * W) {
-      visit(load(x + j), j, e0);
-      visit(load(x + j + W), j + W, e1);
-    }
-    if (j < b + nv) visit(load(x + j), j, e0), j += W;
-    if (j < b + nb) visit(load_partial(x + j, b + nb - j, -(C)INFINITY), j, e1);
-    below += (double)hsum<C>(e0 + e1);
-  }
-  const C mc = hmax<C>(mx);
-  if (cpu::any<C>(nan) || mc == (C)INFINITY || n < kk) return false;
-  // The candidates as a compact list: vocabulary ids, raw values (padded to
-  // whole vectors), processed values; s.ids becomes their indices.
-  const double mr = (double)mc;  // the raw max
+  // The pass, then the candidates as a compact list: vocabulary ids, raw
+  // values (padded to whole vectors), processed values; s.ids becomes their indices.
+  const Scan sc = raw ? scan_row<true>(x, cols, (float)th, s.ids, next, ns)
+                      : scan_row<false>(x, cols, (float)th, s.ids, next, ns);
+  int64_t n = sc.n;
+  const double below = sc.below;
+  if (sc.nan || sc.max == (float)INFINITY || n < kk) return false;
+  const double mr = (double)sc.max;  // the raw max
   int64_t* cids = (int64_t*)tl_cands.get(8 * (3 * n + WD));
   double *cx = (double*)(cids + n), *cy = cx + n + WD;
   for (int64_t i = 0; i < n; ++i) {

@@ -61,9 +61,11 @@ LMXENT_HD void sort_descending(double* a, int64_t n) {
   if (n > kRankSort) return dec_sort(a, n, Descending());
   double out[kRankSort];
   for (int64_t i = 0; i < n; ++i) {
-    int64_t place = 0;
-    for (int64_t j = 0; j < n; ++j) place += a[j] > a[i] || (a[j] == a[i] && j < i);
-    out[place] = a[i];
+    const double v = a[i];
+    int64_t place = 0;  // entries before a[i]: larger ones, and equal ones before it
+    for (int64_t j = 0; j < i; ++j) place += a[j] >= v;
+    for (int64_t j = i + 1; j < n; ++j) place += a[j] > v;
+    out[place] = v;
   }
   for (int64_t i = 0; i < n; ++i) a[i] = out[i];
 }
