@@ -12,13 +12,15 @@
 // float vectors: the max, the NaN check, the top-k candidates (every x >= a
 // threshold th read off a sample of the row, as select_candidates does) and,
 // for the raw log-probabilities, sum exp(x - th) over the entries below th.
-// Only the candidates (about 2k + 8V/1024) go to double: y = x / T at their
-// positions, then the shared decode_filters / decode_emit / decode_logprobs,
-// so the survivors, the draw and the outputs are the general path's. The
-// raw log-sum is sum over candidates of exp(x - max) in double plus
-// exp(th - max) times the float sum below th: accurate relative to x - max
-// (not to the LSE's magnitude, which large logits would spoil), each term
-// below th smaller than the largest.
+// Only the candidates (about 2k + 8V/1024) go to double: their exps complete
+// the raw log-sum, then they are narrowed to the entries >= the kk-th largest
+// (kk = max(k, num_logprobs)), y = x / T at those, and the shared
+// decode_filters / decode_emit / decode_logprobs run on that compact list
+// (DecodeRow.vocab maps it back), so the survivors, the draw and the outputs
+// are the general path's. The raw log-sum is sum over candidates of
+// exp(x - max) in double plus exp(th - max) times the float sum below th:
+// accurate relative to x - max (not to the LSE's magnitude, which large
+// logits would spoil), each term below th smaller than the largest.
 //
 // Memory traffic of the fast path: one read of the logits (and one write of
 // the processed row when asked), plus ~1024 sampled entries. Any surprise
@@ -121,8 +123,7 @@ Scan scan_row(const T* x, int64_t cols, float th, int64_t* ids, const T* next, i
 template <class T>
 bool decode_fast(const DecodeArgs& a, int64_t r, const T* x, const T* next, T* o, const DecodeScratch& s,
                  double* zs) {
-  typedef float C;
-  constexpr int W = Vec<C>::W, WD = Vec<double>::W;
+  constexpr int WD = Vec<double>::W;
   const int64_t cols = a.logits.cols, k = a.top_k[r];
   const double temp = a.temperature[r], inf = (double)INFINITY;
   if (a.bias.data || a.prev || !(k > 0 && k < cols) || !(temp >= kSafeTMin && temp <= kSafeTMax)) return false;

@@ -18,6 +18,9 @@
 // (bias, penalties and temperature applied on the way), one pass over it for
 // the max, one for the candidates, then only survivors; the raw log-probabilities
 // (logprobs_of="raw") read the logits twice more (max and top-n, then the sum).
+// The CPU kernel has a one-pass fast path for the common case (top-k without
+// bias or penalties: cpp/cpu/ops/decoding.cpp) that feeds decode_filters and
+// decode_emit a compact candidate list (DecodeRow.vocab).
 #pragma once
 #include "contract.h"
 #include "philox.h"
