@@ -254,15 +254,18 @@ REGISTRY = [
         bench=S.Op("process_logits", ("process_logits",), ("processed logits",),
                    S.process_logits_reference,
                    {"lmxent": _lmxent(lambda p: lx.process_logits(p.x, **S.DECODING)),
+                    "numpy": xp_impl(lambda xp, x: B.xp_process(xp, x, **S.DECODING), ["x"]),
                     "torch": torch_impl(lambda torch, x: B.torch_process_hf(
                         torch, x, **S.DECODING), ["x"])},
                    moved=S.read_write)),
     # the sample's draw, then its raw top-n log-probabilities (checked: see
     # spec.sample_reference)
     Row("sample", checks={"sample (with 5 logprobs)": _sample},
-        bench=S.Op("sample", ("sample",), ("top_ids", "top_logprobs"), S.sample_reference,
+        bench=S.Op("sample", ("sample",), ("top_logprobs",), S.sample_reference,
                    {"lmxent": _lmxent(lambda p: lx.sample(
-                       p.x, num_logprobs=S.NUM_LOGPROBS, **S.DECODING)[3:]),
+                       p.x, num_logprobs=S.NUM_LOGPROBS, **S.DECODING).top_logprobs),
+                    "numpy": xp_impl(lambda xp, x: B.xp_sample(
+                        xp, x, S.NUM_LOGPROBS, **S.DECODING), ["x"]),
                     "torch": torch_impl(lambda torch, x: B.torch_sample_hf(
                         torch, x, S.NUM_LOGPROBS, **S.DECODING), ["x"])},
                    moved=S.read)),
