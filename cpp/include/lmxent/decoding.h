@@ -7,7 +7,7 @@
 //
 // No sort of the vocabulary. Top-k: a threshold read off a strided sample of
 // the row (the s-th largest of ~1024 entries, s chosen so that a few times k
-// entries lie above it) keeps a small candidate set in one pass; a 3-way
+// entries lie above it) keeps a small candidate set in one pass; a
 // quickselect over the candidates gives the exact k-th largest (the whole row
 // when the sample guessed too high). Top-p: the candidates within d of the max
 // logit (d = 8, then 4x wider) are sorted by probability until their
@@ -77,6 +77,7 @@ struct Ascending {
   template <class E>
   LMXENT_HD bool operator()(E a, E b) const { return a < b; }
 };
+
 // The k-th largest (k in [1, n]) of v[0..n), no NaN; v is reordered.
 // Quickselect with branch-free partitions (a compare decides an index step,
 // not a jump: random data would mispredict every other branch): the entries
@@ -265,6 +266,7 @@ LMXENT_HD DecodeRow decode_row(const DecodeArgs& a, int64_t r, const Raw& raw, c
   }
   return {decode_filters(a, r, y, m, s.ids, n, s.tmp), m, false, nullptr};
 }
+
 // The sampled token of a processed row: the first survivor whose cumulative
 // weight exp(y - m) exceeds u * total (the last with a positive weight if
 // rounding leaves none); -1 without a distribution.
@@ -340,10 +342,10 @@ LMXENT_HD void decode_logprobs(const DecodeArgs& a, int64_t r, int64_t t, double
 }
 
 // The outputs of a processed row d (survivors s.ids, values s.y, d.id their
-// vocabulary ids): fill(v)
-// writes v to every entry of the processed row and store(j, v) entry j (when
-// a.out is set); raw_stats(t) writes logprob, rank and top-n of the raw row
-// for the drawn token t (logprobs_raw; see decode_logprobs). zs: min(num_logprobs, V) doubles.
+// vocabulary ids): fill(v) writes v to every entry of the processed row and
+// store(j, v) entry j (when a.out is set); raw_stats(t) writes logprob, rank
+// and top-n of the raw row for the drawn token t (logprobs_raw; see
+// decode_logprobs). zs: min(num_logprobs, V) doubles.
 template <class Fill, class Store, class RawStats>
 LMXENT_HD void decode_emit(const DecodeArgs& a, int64_t r, const DecodeRow& d, const DecodeScratch& s,
                            const Fill& fill, const Store& store, const RawStats& raw_stats, double* zs) {
