@@ -69,7 +69,8 @@ export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 # ---- pytest selections (keywords, not test ids: tests/test_cuda.py keeps changing;
 # "fakecupy" contains "cupy", so the real-CuPy cases are "not fakecupy")
 K_DEVICE="not fakecupy"
-K_SANITIZE="not fakecupy and (long_rows or strided or in_place or deferred or rank_ties or nan_stays or extreme)"
+K_SANITIZE="not fakecupy and (long_rows or strided or in_place or deferred or rank_ties or nan_stays or extreme or (decoding and 5000))"
+K_DECODING="not fakecupy and decoding"
 K_RACE="not fakecupy and (ce_long_rows or kl_long_rows or rank_ties or deferred)"
 K_STREAMS="not fakecupy and (stream or long_rows or deferred or in_place)"
 K_LARGE="not fakecupy and (2_31 or 2_32 or huge)"
@@ -135,7 +136,7 @@ import importlib, importlib.metadata as md, sys
 print("python", sys.version.split()[0], sys.executable)
 for dist in ("numpy", "ml_dtypes", "cupy-cuda13x", "cupy-cuda12x", "torch", "triton", "pytest",
              "pytest-timeout", "scikit-build-core", "pybind11", "cmake", "ninja", "matplotlib",
-             "liger-kernel", "cut-cross-entropy", "quack-kernels"):
+             "liger-kernel", "cut-cross-entropy", "quack-kernels", "flashinfer-python"):
     try:
         print(f"  {dist} {md.version(dist)}")
     except md.PackageNotFoundError:
@@ -198,6 +199,7 @@ except Exception as e:
 print("  peer liger-kernel:", have("liger_kernel.transformers"))
 print("  peer cut-cross-entropy:", have("cut_cross_entropy"))
 print("  peer quack:", have("quack"))
+print("  peer flashinfer (sampling, bench/gpu_checks.py decoding):", have("flashinfer.sampling"))
 EOF
 }
 
@@ -321,8 +323,9 @@ correctness() {
   if ((DRY)); then
     counts "device tests" "$K_DEVICE" "sanitizer subset (memcheck)" "$K_SANITIZE" \
       "sanitizer subset (racecheck, synccheck)" "$K_RACE" "stream tests" "$K_STREAMS" \
+      "decoding device tests (in the device tests)" "$K_DECODING" \
       "?> 2^31 elements (tests/test_cuda.py)" "$K_LARGE"
-    step "gpu_checks.py dry run" 60 tests.log 1 "$PY" bench/gpu_checks.py --dry-run repeat large
+    step "gpu_checks.py dry run" 60 tests.log 1 "$PY" bench/gpu_checks.py --dry-run repeat large decoding
     sed 's/^/      /' "$OUTF"
     return
   fi
@@ -343,6 +346,9 @@ correctness() {
     env CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1 "${PYTEST[@]}" tests/test_cuda.py -k "$K_STREAMS"
   device_skips "streams: real CuPy cases ran"
   step "bitwise repeat / in place / non-blocking stream" 120 tests.log 1 "$PY" bench/gpu_checks.py repeat
+  step "decoding: CuPy vs CPU, repeat; times vs torch, FlashInfer (bench/gpu_checks.py decoding)" 120 \
+    tests.log 1 "$PY" bench/gpu_checks.py decoding
+  grep -E 'ms  \(|skipped' "$OUTF" | sed 's/^/      /'
   step "bitwise repeat, per-thread default stream" 120 tests.log 1 \
     env CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1 "$PY" bench/gpu_checks.py repeat
   if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then

@@ -2,7 +2,8 @@
 
     python bench/gpu_checks.py repeat   # bitwise: repeat, in place vs not, streams
     python bench/gpu_checks.py large    # more than 2^31 elements (about 20 GB of GPU memory)
-    python bench/gpu_checks.py --dry-run repeat large   # what would run; no GPU needed
+    python bench/gpu_checks.py decoding # sample / process_logits: CPU vs GPU, and peers' times
+    python bench/gpu_checks.py --dry-run repeat large decoding   # what would run; no GPU needed
 
 repeat: every op (log_softmax, softmax, cross_entropy, cross_entropy_with_grad,
 token_stats, kl_divergence with its gradient) on one-block-per-row and split-row
@@ -20,6 +21,15 @@ large: 64-bit indexing on the device: 2049 rows of 2^20 + 1 float32 logits
 those at and past element 2^31, are compared with the float64 reference; the
 other rows are zeros, whose loss is log(V). A 32-bit offset would wrap and
 read or write another row.
+
+decoding: the benchmark's setting of lx.sample (64 x 128256, temperature 0.7, top-k
+50, top-p 0.9, 5 raw log-probabilities), float32 and bfloat16, on CuPy: tokens, ranks
+and top ids equal to the CPU kernel's, log-probabilities within 1e-6, process_logits
+bitwise equal, bitwise the same on repeat. Then times (informational, never a
+failure): lx.sample with and without the log-probabilities, torch's HF-style sort
+pipeline on the GPU, and FlashInfer's top_k_top_p_sampling_from_logits (given
+logits / T: its own generator, no log-probabilities), each skipped with its reason
+when not importable.
 
 Prints one line per check and "FAILED: ..." for each failure; exit status 1 on a
 failure, 2 when no GPU or CUDA build is here.
@@ -239,10 +249,98 @@ def large(cp, c):
         c.ok(False, f"one row of {V} elements: {type(e).__name__}: {e}")
 
 
+# ---------------------------------------------------------------- decoding
+
+def _per_call(cp, f, n=20):
+    """Seconds per call of f, the whole device synchronised (torch's streams too)."""
+    import time
+    f()
+    cp.cuda.runtime.deviceSynchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        f()
+    cp.cuda.runtime.deviceSynchronize()
+    return (time.perf_counter() - t0) / n
+
+
+def _host(a):
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def decoding(cp, c, shape=(64, 128256), calls=20):
+    from lmxent.bench import spec
+    opts, n_lp = spec.DECODING, spec.NUM_LOGPROBS
+    bf16 = lx.bfloat16_dtype()
+    dtypes = [("float32", np.float32)] + ([("bfloat16", bf16)] if bf16 is not None else [])
+    rng = np.random.default_rng(17)
+    for dtname, dt in dtypes:
+        xh = (3 * rng.standard_normal(shape)).astype(np.float32).astype(dt)
+        x = cp.asarray(xh)
+        what = f"decoding {dtname} {shape[0]}x{shape[1]}"
+        try:
+            got = lx.sample(x, seed=5, num_logprobs=n_lp, **opts)
+            want = lx.sample(xh, seed=5, num_logprobs=n_lp, **opts)
+            c.ok(all(np.array_equal(_host(getattr(got, f)), getattr(want, f))
+                     for f in ("tokens", "rank", "top_ids")),
+                 f"{what}: sample's tokens, ranks and top ids equal the CPU kernel's")
+            c.ok(all(np.allclose(_host(getattr(got, f)), getattr(want, f), rtol=1e-6, atol=1e-6)
+                     for f in ("logprob", "top_logprobs")),
+                 f"{what}: sample's log-probabilities within 1e-6 of the CPU kernel's")
+            again = lx.sample(x, seed=5, num_logprobs=n_lp, **opts)
+            c.ok(all(c.same_bits(a, b) for a, b in zip(got, again)),
+                 f"{what}: sample bitwise the same on repeat")
+            y, yh = _host(lx.process_logits(x, **opts)), lx.process_logits(xh, **opts)
+            u = f"u{yh.itemsize}"
+            c.ok(np.array_equal(y.view(u), yh.view(u)),
+                 f"{what}: process_logits bitwise equal to the CPU kernel's")
+        except Exception as e:
+            c.ok(False, f"{what}: {type(e).__name__}: {e}")
+            continue
+        _decoding_times(cp, x, what, calls)
+
+
+def _decoding_times(cp, x, what, calls):
+    """Prints the time per call of lx.sample and its peers on x (informational)."""
+    from lmxent.bench import bodies, spec
+    opts, n_lp = spec.DECODING, spec.NUM_LOGPROBS
+    times = {"lmxent sample (5 raw logprobs)": lambda: lx.sample(x, num_logprobs=n_lp, **opts),
+             "lmxent sample (token only)": lambda: lx.sample(x, **opts)}
+    tx = None
+    try:
+        import torch
+        try:
+            tx = torch.from_dlpack(x)
+        except BufferError:  # bfloat16, which DLPack may not carry: its bits
+            tx = torch.from_dlpack(x.view(np.int16)).view(torch.bfloat16)
+        times["torch sort pipeline (HF way)"] = lambda: bodies.torch_sample_hf(
+            torch, tx, n_lp, **opts)
+    except Exception as e:
+        print(f"skipped torch: {type(e).__name__}: {e}")
+    try:
+        import flashinfer.sampling as fs
+        if tx is None:
+            raise ImportError("needs torch")
+        times["FlashInfer top_k_top_p_sampling_from_logits"] = \
+            lambda: fs.top_k_top_p_sampling_from_logits(
+                tx.float() / opts["temperature"], opts["top_k"], opts["top_p"])
+    except Exception as e:
+        print(f"skipped FlashInfer: not importable here ({type(e).__name__}: {e})")
+    base = None
+    for name, f in times.items():
+        try:
+            s = _per_call(cp, f, calls)
+        except Exception as e:
+            print(f"{what}: {name}: {type(e).__name__}: {str(e)[:160]}")
+            continue
+        base = base or s
+        print(f"{what}: {name:45s} {s * 1e3:9.3f} ms  ({s / base:.2f}x lmxent's time)",
+              flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="gpu_checks.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checks", nargs="+", choices=["repeat", "large"])
+    ap.add_argument("checks", nargs="+", choices=["repeat", "large", "decoding"])
     ap.add_argument("--dry-run", action="store_true", help="say what would run; no GPU")
     args = ap.parse_args(argv)
     if args.dry_run:
@@ -258,7 +356,7 @@ def main(argv=None):
         return 2
     c = Checks(cp)
     for name in args.checks:
-        {"repeat": repeat, "large": large}[name](cp, c)
+        {"repeat": repeat, "large": large, "decoding": decoding}[name](cp, c)
     print(f"{c.count - len(c.failures)}/{c.count} checks passed")
     for f in c.failures:
         print("FAILED: " + f)

@@ -34,8 +34,8 @@ __global__ void decode_kernel(DecodeArgs a, char* scratch) {
   const T* x = (const T*)a.logits.data + r * a.logits.stride;
   T* o = (T*)a.out.data + r * a.out.stride;
   auto raw = [x](int64_t j) { return (double)to_c(x[j]); };
-  decode_one(a, r, raw,
-             [o](int64_t j, double v) { o[j] = from_c<T>((C)v); },
+  auto store = [o](int64_t j, double v) { o[j] = from_c<T>((C)v); };
+  decode_one(a, r, raw, [&](double v) { for (int64_t j = 0; j < V; ++j) store(j, v); }, store,
              [&](double m) { return dec_log_sum(raw, V, m); }, s, decode_zs(s, a.prev_len));
 }
 

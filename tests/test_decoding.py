@@ -151,6 +151,36 @@ def test_long_rows(dtype, opts, rng):
                           num_logprobs=5, **opts) == 0
 
 
+def fast_path_rows(rng, dtype, V=5000, k=50):
+    """Rows for the CPU kernel's fast path (top-k, no bias or penalties, 16/32-bit
+    logits) and each of its ways back to the general path."""
+    x = 3 * rng.standard_normal((9, V))
+    samples = np.arange(1024) * V // 1024  # the entries its threshold is read from
+    x[1] += 1e4  # large logits: log-probabilities relative to the max, not to the LSE
+    x[2, 1] = np.nan  # NaN, +inf off the sample: found by the pass
+    x[3, 1] = np.inf
+    x[4, samples[:2 * k * 1024 // V + 8]] = 40 + np.arange(2 * k * 1024 // V + 8)
+    x[5, :] = -np.inf  # a threshold of -inf
+    x[5, rng.choice(V, 60, replace=False)] = rng.standard_normal(60)
+    x[6] = 1.0  # every entry ties
+    x[7] *= 10  # most terms below the threshold underflow
+    x[8] = np.sort(x[8])  # ascending: every candidate in the last part of the row
+    return x.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d != np.float64], ids=dtype_id)
+def test_fast_path_and_its_fallbacks(isa, dtype, rng):
+    x = fast_path_rows(rng, dtype)
+    for o in (dict(top_k=50), dict(top_k=50, temperature=0.7, top_p=0.9, min_p=0.01),
+              dict(top_k=3), dict(top_k=50, temperature=1e-30),
+              dict(top_k=50, temperature=1e30), dict(top_k=4999, top_p=0.5)):
+        if o.get("temperature", 1) > 1e-3:  # else values beyond float16's range
+            assert_processed(lx.process_logits(x, **o), x, dtype, **o)
+        for n, of in ((5, "raw"), (20, "raw"), (5, "processed")):
+            assert assert_samples(lx.sample(x, seed=2, num_logprobs=n, logprobs_of=of, **o),
+                                  x, seed=2, num_logprobs=n, logprobs_of=of, **o) == 0
+
+
 @pytest.mark.parametrize("V", [1, 2, 7, 2048])
 def test_extreme_rows(isa, V, rng):
     """NaN, +inf, all -inf, all masked but one, ties, huge values; k >= V, top_p = 1."""

@@ -53,14 +53,15 @@ def test_gpu_check_dry_run(tmp_path):
                      "peer cut-cross-entropy:", "peer torch F.linear_cross_entropy:",
                      "CMAKE_CUDA_ARCHITECTURES=", "--no-build-isolation",
                      "== correctness tier", "device tests", "sanitizer subset (memcheck)",
-                     "stream tests", "gpu_checks: would run repeat, large", "== bench tier",
+                     "stream tests", "decoding device tests",
+                     "gpu_checks: would run repeat, large, decoding", "== bench tier",
                      "LM head: 16384x4096x128256 bfloat16", "dry run: no GPU touched",
                      "==== summary", "RESULT: OK"):
         assert expected in text, expected
     assert "FAIL " not in text and "selection is empty" not in text
     counts = [int(line.split("selects ")[1].split()[0]) for line in text.splitlines()
               if line.startswith("DRY") and "selects" in line and "none is fine" not in line]
-    assert len(counts) == 4 and min(counts) > 0, counts  # device, 2 sanitizer, streams
+    assert len(counts) == 5 and min(counts) > 0, counts  # device, 2 sanitizer, streams, decoding
     assert (out / "gpu_check.log").read_text() == text
     assert not (out / "bench_gpu.json").exists()  # a dry run measures nothing
 
@@ -131,6 +132,24 @@ def test_gpu_checks_dry_run_and_errors():
     assert r.returncode == 0 and "would run repeat, large" in r.stdout, r.stderr
     r = _run([sys.executable, CHECKS, "fast"], timeout=120)
     assert r.returncode == 2 and "invalid choice: 'fast'" in r.stderr
+
+
+def test_gpu_checks_decoding_on_a_cpu_stand_in(capsys):
+    """gpu_checks.py decoding with NumPy for CuPy (lmxent then runs its CPU kernel on
+    both sides): every check passes, the peers are timed or skipped with a reason."""
+    spec = importlib.util.spec_from_file_location("gpu_checks", CHECKS)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cp = types.SimpleNamespace(asarray=np.asarray, ascontiguousarray=np.ascontiguousarray,
+                               uint8=np.uint8, uint16=np.uint16, uint32=np.uint32,
+                               uint64=np.uint64, cuda=types.SimpleNamespace(
+                                   runtime=types.SimpleNamespace(deviceSynchronize=lambda: None)))
+    c = mod.Checks(cp)
+    mod.decoding(cp, c, shape=(8, 3000), calls=1)
+    out = capsys.readouterr().out
+    assert c.count >= 4 and not c.failures, out
+    assert "lmxent sample (5 raw logprobs)" in out and "torch sort pipeline" in out, out
+    assert "skipped FlashInfer" in out or "FlashInfer top_k" in out, out
 
 
 # ------------------------------------------- bench_gpu.py on a CPU stand-in

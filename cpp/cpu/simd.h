@@ -104,6 +104,22 @@ inline bool any_positive(V<double> v) {
 #endif
 }
 
+// Bit i set where a[i] >= b[i] (clear for NaN): finds the rare lanes above a
+// threshold with one compare and a mask move.
+inline uint32_t mask_ge(V<float> a, V<float> b) {
+#if LMXENT_VBYTES == 64
+  return _mm512_cmp_ps_mask((__m512)a, (__m512)b, _CMP_GE_OQ);
+#elif LMXENT_VBYTES == 32
+  return (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps((__m256)a, (__m256)b, _CMP_GE_OQ));
+#elif defined(__SSE2__)
+  return (uint32_t)_mm_movemask_ps(_mm_cmpge_ps((__m128)a, (__m128)b));
+#else
+  uint32_t m = 0;
+  for (int i = 0; i < Vec<float>::W; ++i) m |= (uint32_t)(a[i] >= b[i]) << i;
+  return m;
+#endif
+}
+
 // ---- loads and stores with conversion -------------------------------------
 
 inline V<float> load(const float* p) { V<float> v; memcpy(&v, p, sizeof v); return v; }

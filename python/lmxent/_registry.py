@@ -128,7 +128,7 @@ def _lm_head(x, t, w, rng):
 
 
 # the serving setting: every filter on, 5 log-probabilities
-DECODING = dict(temperature=0.7, top_k=50, top_p=0.9)
+DECODING = S.DECODING
 
 
 def _process_logits(x, t, w, rng):
@@ -250,8 +250,25 @@ REGISTRY = [
     Row("perplexity"),
     Row("bits_per_byte"),
     Row("calibration"),
-    Row("process_logits", checks={"process_logits": _process_logits}),
-    Row("sample", checks={"sample (with 5 logprobs)": _sample}),
+    Row("process_logits", checks={"process_logits": _process_logits},
+        bench=S.Op("process_logits", ("process_logits",), ("processed logits",),
+                   S.process_logits_reference,
+                   {"lmxent": _lmxent(lambda p: lx.process_logits(p.x, **S.DECODING)),
+                    "numpy": xp_impl(lambda xp, x: B.xp_process(xp, x, **S.DECODING), ["x"]),
+                    "torch": torch_impl(lambda torch, x: B.torch_process_hf(
+                        torch, x, **S.DECODING), ["x"])},
+                   moved=S.read_write)),
+    # the sample's draw, then its raw top-n log-probabilities (checked: see
+    # spec.sample_reference)
+    Row("sample", checks={"sample (with 5 logprobs)": _sample},
+        bench=S.Op("sample", ("sample",), ("top_logprobs",), S.sample_reference,
+                   {"lmxent": _lmxent(lambda p: lx.sample(
+                       p.x, num_logprobs=S.NUM_LOGPROBS, **S.DECODING).top_logprobs),
+                    "numpy": xp_impl(lambda xp, x: B.xp_sample(
+                        xp, x, S.NUM_LOGPROBS, **S.DECODING), ["x"]),
+                    "torch": torch_impl(lambda torch, x: B.torch_sample_hf(
+                        torch, x, S.NUM_LOGPROBS, **S.DECODING), ["x"])},
+                   moved=S.read)),
     Row("top_k", checks={"top_k": _top_k}),
     # checked by tests/test_decoding.py
     Row("beam_search_step"),

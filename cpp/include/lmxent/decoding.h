@@ -7,7 +7,7 @@
 //
 // No sort of the vocabulary. Top-k: a threshold read off a strided sample of
 // the row (the s-th largest of ~1024 entries, s chosen so that a few times k
-// entries lie above it) keeps a small candidate set in one pass; a 3-way
+// entries lie above it) keeps a small candidate set in one pass; a
 // quickselect over the candidates gives the exact k-th largest (the whole row
 // when the sample guessed too high). Top-p: the candidates within d of the max
 // logit (d = 8, then 4x wider) are sorted by probability until their
@@ -18,6 +18,9 @@
 // (bias, penalties and temperature applied on the way), one pass over it for
 // the max, one for the candidates, then only survivors; the raw log-probabilities
 // (logprobs_of="raw") read the logits twice more (max and top-n, then the sum).
+// The CPU kernel has a one-pass fast path for the common case (top-k without
+// bias or penalties: cpp/cpu/ops/decoding.cpp) that feeds decode_filters and
+// decode_emit a compact candidate list (DecodeRow.vocab).
 #pragma once
 #include "contract.h"
 #include "philox.h"
@@ -49,16 +52,37 @@ LMXENT_HD void dec_sort(E* a, int64_t n, const Before& before) {
   }
 }
 
-struct Ascending {
-  template <class E>
-  LMXENT_HD bool operator()(E a, E b) const { return a < b; }
-};
 struct Descending {
   LMXENT_HD bool operator()(double a, double b) const { return a > b; }
 };
 
-// The k-th largest (k in [1, n]) of v[0..n), no NaN; v is reordered. A 3-way
-// partition keeps long runs of ties (masked -inf entries) linear.
+// Sorts a[0..n) descending: up to 64 entries by their ranks (each entry's
+// place is the count of entries before it; compares, no branches to
+// mispredict, unlike a heap sort's), more by dec_sort.
+LMXENT_HD void sort_descending(double* a, int64_t n) {
+  constexpr int64_t kRankSort = 64;
+  if (n > kRankSort) return dec_sort(a, n, Descending());
+  double out[kRankSort];
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = a[i];
+    int64_t place = 0;  // entries before a[i]: larger ones, and equal ones before it
+    for (int64_t j = 0; j < i; ++j) place += a[j] >= v;
+    for (int64_t j = i + 1; j < n; ++j) place += a[j] > v;
+    out[place] = v;
+  }
+  for (int64_t i = 0; i < n; ++i) a[i] = out[i];
+}
+
+struct Ascending {
+  template <class E>
+  LMXENT_HD bool operator()(E a, E b) const { return a < b; }
+};
+
+// The k-th largest (k in [1, n]) of v[0..n), no NaN; v is reordered.
+// Quickselect with branch-free partitions (a compare decides an index step,
+// not a jump: random data would mispredict every other branch): the entries
+// > p to the front, then, only when the k-th is not among them, the entries
+// == p, so that long runs of ties (masked -inf entries) stay linear.
 LMXENT_HD double kth_largest(double* v, int64_t n, int64_t k) {
   int64_t lo = 0, hi = n;
   const int64_t want = k - 1;  // its index in descending order
@@ -69,15 +93,26 @@ LMXENT_HD double kth_largest(double* v, int64_t n, int64_t k) {
     if (b < c) dec_swap(b, c);
     if (a < b) dec_swap(a, b);
     const double p = b;  // median of three
-    int64_t lt = lo, i = lo, gt = hi;  // [lo, lt) > p, [lt, gt) == p, [gt, hi) < p
-    while (i < gt) {
-      if (v[i] > p) dec_swap(v[lt++], v[i++]);
-      else if (v[i] < p) dec_swap(v[i], v[--gt]);
-      else ++i;
+    int64_t lt = lo;     // [lo, lt) > p
+    for (int64_t i = lo; i < hi; ++i) {
+      const double x = v[i];
+      v[i] = v[lt];
+      v[lt] = x;
+      lt += x > p;
     }
-    if (want < lt) hi = lt;
-    else if (want < gt) return p;
-    else lo = gt;
+    if (want < lt) {
+      hi = lt;
+      continue;
+    }
+    int64_t gt = lt;  // [lt, gt) == p
+    for (int64_t i = lt; i < hi; ++i) {
+      const double x = v[i];
+      v[i] = v[gt];
+      v[gt] = x;
+      gt += x == p;
+    }
+    if (want < gt) return p;
+    lo = gt;
   }
 }
 
@@ -113,11 +148,15 @@ struct DecodeScratch {
 };
 
 // The processed row: its survivors ids[0..n) (ascending, all finite) with
-// values y[j] and max m; nan: no distribution (the row is all NaN).
+// values y[j] and max m; nan: no distribution (the row is all NaN). vocab:
+// the vocabulary id of each index j when y and ids index a compact list of
+// entries (ascending ids), or nullptr when they are the vocabulary's own.
 struct DecodeRow {
   int64_t n;
   double m;
   bool nan;
+  const int64_t* vocab;
+  LMXENT_HD int64_t id(int64_t j) const { return vocab && j >= 0 ? vocab[j] : j; }
 };
 
 // Keeps the survivors j with keep(j), in order.
@@ -149,7 +188,7 @@ LMXENT_HD int64_t top_p_filter(const double* y, double m, int64_t* ids, int64_t 
     int64_t nc = 0;
     for (int64_t i = 0; i < n; ++i)
       if (all || y[ids[i]] >= m - d) tmp[nc++] = ::exp(y[ids[i]] - m) / S;
-    dec_sort(tmp, nc, Descending());
+    sort_descending(tmp, nc);
     double cum = 0;
     for (int64_t i = 0; i < nc; ++i) {
       cum += tmp[i];
@@ -157,6 +196,21 @@ LMXENT_HD int64_t top_p_filter(const double* y, double m, int64_t* ids, int64_t 
     }
     if (all || nc == n) return n;  // the mass never reaches top_p: all stay
   }
+}
+
+// Top-k, top-p and min-p of a row with values y and finite max m, over
+// ids[0..n) (ascending): every finite entry, or with top-k a superset of the
+// entries >= the k-th largest (and at least k of them). tmp: n doubles.
+LMXENT_HD int64_t decode_filters(const DecodeArgs& a, int64_t r, const double* y, double m, int64_t* ids,
+                                 int64_t n, double* tmp) {
+  const int64_t k = a.top_k[r];
+  if (k > 0 && k < a.logits.cols) {
+    for (int64_t i = 0; i < n; ++i) tmp[i] = y[ids[i]];
+    n = dec_filter(ids, n, AtLeast{y, kth_largest(tmp, n, k)});  // ties with the k-th stay
+  }
+  if (a.top_p[r] < 1) n = top_p_filter(y, m, ids, n, a.top_p[r], tmp);
+  if (a.min_p[r] > 0) n = dec_filter(ids, n, ProbAtLeast{y, m, 1.0, a.min_p[r]});
+  return n;
 }
 
 // process_logits of row r: raw(j) the logit as a double. Fills s.y and s.ids.
@@ -200,22 +254,17 @@ LMXENT_HD DecodeRow decode_row(const DecodeArgs& a, int64_t r, const Raw& raw, c
     nan |= dec_nan(y[j]) || y[j] == inf;
     m = y[j] > m ? y[j] : m;
   }
-  if (nan) return {0, m, true};
-  if (m == -inf) return {0, m, false};
-  int64_t n;
+  if (nan) return {0, m, true, nullptr};
+  if (m == -inf) return {0, m, false, nullptr};
+  int64_t n = 0;
   const int64_t k = a.top_k[r];
   if (k > 0 && k < V) {
     n = select_candidates(y, V, k, s.ids, s.tmp);
-    for (int64_t i = 0; i < n; ++i) s.tmp[i] = y[s.ids[i]];
-    n = dec_filter(s.ids, n, AtLeast{y, kth_largest(s.tmp, n, k)});  // ties with the k-th stay
   } else {
-    n = 0;
     for (int64_t j = 0; j < V; ++j)
       if (y[j] > -inf) s.ids[n++] = j;
   }
-  if (a.top_p[r] < 1) n = top_p_filter(y, m, s.ids, n, a.top_p[r], s.tmp);
-  if (a.min_p[r] > 0) n = dec_filter(s.ids, n, ProbAtLeast{y, m, 1.0, a.min_p[r]});
-  return {n, m, false};
+  return {decode_filters(a, r, y, m, s.ids, n, s.tmp), m, false, nullptr};
 }
 
 // The sampled token of a processed row: the first survivor whose cumulative
@@ -292,39 +341,50 @@ LMXENT_HD void decode_logprobs(const DecodeArgs& a, int64_t r, int64_t t, double
   }
 }
 
-// The whole decode op on row r: raw(j) reads logit j as a double, store(j, v)
-// writes entry j of the processed row (when a.out is set), raw_log_sum(m) is
-// the raw row's dec_log_sum (m its finite max; asked only for logprobs_raw); zs
-// holds min(num_logprobs, V) doubles.
-template <class Raw, class Store, class RawLogSum>
-LMXENT_HD void decode_one(const DecodeArgs& a, int64_t r, const Raw& raw, const Store& store,
-                          const RawLogSum& raw_log_sum, const DecodeScratch& s, double* zs) {
-  const int64_t V = a.logits.cols;
-  const DecodeRow d = decode_row(a, r, raw, s);
+// The outputs of a processed row d (survivors s.ids, values s.y, d.id their
+// vocabulary ids): fill(v) writes v to every entry of the processed row and
+// store(j, v) entry j (when a.out is set); raw_stats(t) writes logprob, rank
+// and top-n of the raw row for the drawn token t (logprobs_raw; see
+// decode_logprobs). zs: min(num_logprobs, V) doubles.
+template <class Fill, class Store, class RawStats>
+LMXENT_HD void decode_emit(const DecodeArgs& a, int64_t r, const DecodeRow& d, const DecodeScratch& s,
+                           const Fill& fill, const Store& store, const RawStats& raw_stats, double* zs) {
   if (a.out.data) {
-    const double fill = d.nan ? (double)NAN : -(double)INFINITY;
-    for (int64_t j = 0; j < V; ++j) store(j, fill);
-    for (int64_t i = 0; i < d.n; ++i) store(s.ids[i], s.y[s.ids[i]]);
+    fill(d.nan ? (double)NAN : -(double)INFINITY);
+    for (int64_t i = 0; i < d.n; ++i) store(d.id(s.ids[i]), s.y[s.ids[i]]);
   }
   if (!a.tokens) return;
-  const int64_t t = decode_draw(d, s.y, s.ids, philox_uniform(a.seed[r], a.offset[r]));
-  a.tokens[r] = t;
+  const int64_t j = decode_draw(d, s.y, s.ids, philox_uniform(a.seed[r], a.offset[r]));
+  a.tokens[r] = d.id(j);
   if (a.logprobs_raw) {
-    decode_logprobs(a, r, t, t >= 0 ? raw(t) : 0.0, [&](auto f) {
-      for (int64_t j = 0; j < V; ++j) f(j, raw(j));
-    }, raw_log_sum, false, zs);
+    raw_stats(d.id(j));
   } else {
     const double* y = s.y;
     const int64_t* ids = s.ids;
     auto each = [&](auto f) {
-      for (int64_t i = 0; i < d.n; ++i) f(ids[i], y[ids[i]]);
+      for (int64_t i = 0; i < d.n; ++i) f(d.id(ids[i]), y[ids[i]]);
     };
-    decode_logprobs(a, r, t, t >= 0 ? y[t] : 0.0, each, [&](double m) {
+    decode_logprobs(a, r, d.id(j), j >= 0 ? y[j] : 0.0, each, [&](double m) {
       double sum = 0;
       each([&](int64_t, double z) { sum += ::exp(z - m); });
       return ::log(sum);
     }, d.nan || d.n == 0, zs);
   }
+}
+
+// The whole decode op on row r: raw(j) reads logit j as a double, fill and
+// store write the processed row (decode_emit), raw_log_sum(m) is the raw
+// row's dec_log_sum (m its finite max; asked only for logprobs_raw).
+template <class Raw, class Fill, class Store, class RawLogSum>
+LMXENT_HD void decode_one(const DecodeArgs& a, int64_t r, const Raw& raw, const Fill& fill, const Store& store,
+                          const RawLogSum& raw_log_sum, const DecodeScratch& s, double* zs) {
+  const int64_t V = a.logits.cols;
+  const DecodeRow d = decode_row(a, r, raw, s);
+  decode_emit(a, r, d, s, fill, store, [&](int64_t t) {
+    decode_logprobs(a, r, t, t >= 0 ? raw(t) : 0.0, [&](auto f) {
+      for (int64_t j = 0; j < V; ++j) f(j, raw(j));
+    }, raw_log_sum, false, zs);
+  }, zs);
 }
 
 // lx.top_k of one row: (value, index) descending, NaN first, ties lower index

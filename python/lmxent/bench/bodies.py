@@ -106,3 +106,54 @@ def jax_head(jax, h, w, t):
                          preferred_element_type=jax.numpy.float32)
     return xp_ce(jax.numpy, z, t).mean()
 
+
+
+# Decoding (temperature, top-k, top-p: spec.DECODING) the HF transformers way: top-k
+# by torch.topk's k-th value, top-p by a full sort, softmax and cumsum (a token stays
+# while the mass before it is < top_p), torch.multinomial; the raw logits' top-n
+# log-probabilities by log_softmax and topk. One step more than HF: the tokens tied
+# with the last one top-p keeps stay too (lmxent's rule, docs/decoding.md; HF keeps
+# some of a tie group by sort position), so that 16-bit logits, full of ties, compare.
+
+def xp_process(xp, x, temperature, top_k, top_p):
+    """The same pipeline in NumPy/CuPy: top-k by a partition, top-p by a full sort."""
+    z = compute(xp, x) / temperature
+    V = z.shape[-1]
+    z = xp.where(z < xp.partition(z, V - top_k, axis=-1)[:, V - top_k:V - top_k + 1], -xp.inf, z)
+    sz = -xp.sort(-z, axis=-1)
+    e = xp.exp(sz - sz[:, :1])
+    p = e / e.sum(axis=-1, keepdims=True)
+    last = xp.where(xp.cumsum(p, axis=-1) - p >= top_p, xp.inf, sz).min(axis=-1, keepdims=True)
+    return xp.where(z < last, -xp.inf, z)
+
+
+def xp_sample(xp, x, n, **opts):
+    """An inverse-CDF draw from xp_process's distribution, then the raw top-n
+    log-probabilities (see torch_sample_hf)."""
+    z = xp_process(xp, x, **opts)
+    w = xp.cumsum(xp.exp(z - z.max(axis=-1, keepdims=True)), axis=-1)
+    u = xp.random.random((len(z), 1)) * w[:, -1:]
+    tok = xp.minimum((w <= u).sum(axis=-1), z.shape[-1] - 1)
+    lp = compute(xp, x) - xp_lse(xp, x)[:, None]
+    lp[xp.arange(len(tok)), tok]  # the token's log-probability, as a server returns it
+    V = lp.shape[-1]
+    return -xp.sort(-xp.partition(lp, V - n, axis=-1)[:, V - n:], axis=-1)
+
+
+def torch_process_hf(torch, x, temperature, top_k, top_p):
+    z = x.float() / temperature
+    z = z.masked_fill(z < torch.topk(z, top_k, -1).values[:, -1:], -float("inf"))
+    sz, _ = torch.sort(z, descending=True)
+    p = torch.softmax(sz, -1)
+    last = sz.masked_fill(p.cumsum(-1) - p >= top_p, float("inf")).min(-1, keepdim=True).values
+    return z.masked_fill(z < last, -float("inf"))
+
+
+def torch_sample_hf(torch, x, n, **opts):
+    """The top-n log-probabilities of the raw logits, after drawing a token (not
+    returned: torch's generator is not lmxent's, so the draws are not compared)."""
+    z = torch_process_hf(torch, x, **opts)
+    tok = torch.multinomial(torch.softmax(z, -1), 1)
+    lp = torch.log_softmax(x.float(), -1)
+    lp.gather(-1, tok)  # the token's log-probability, as a server returns it
+    return lp.topk(n, -1).values

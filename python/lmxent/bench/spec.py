@@ -9,6 +9,11 @@ from lmxent import reference as R
 from .peers import jax_impl, torch_impl, xp_impl
 from .problem import summed
 
+# the decoding ops' setting (the issue's benchmark): temperature, top-k, top-p; and
+# the number of raw log-probabilities sample returns
+DECODING = dict(temperature=0.7, top_k=50, top_p=0.9)
+NUM_LOGPROBS = 5
+
 # above this many multiply-adds a float64 reference of the LM head's summed outputs
 # (loss, d_weight) is too slow on the host; they are then left unchecked (and said so)
 HEAD_CHECK_MACS = 2**34
@@ -89,3 +94,15 @@ def kl_reference(p):
     grad = R.kl_divergence(p.rows64("x"), p.rows64("teacher"), reduction="sum",
                            return_grad=True)[1] / p.N
     return loss, grad
+
+
+def process_logits_reference(p):
+    return (R.process_logits(p.rows64("x"), **DECODING),)
+
+
+def sample_reference(p):
+    """The raw logits' top-n log-probabilities (deterministic: the draws of peers
+    with other generators are not compared, nor the ids, whose order among ties
+    torch leaves unspecified; tests/test_decoding.py and the self-check compare
+    lmxent's tokens and ids with the reference's)."""
+    return (R.sample(p.rows64("x"), num_logprobs=NUM_LOGPROBS, **DECODING).top_logprobs,)
