@@ -211,6 +211,25 @@ inline void store_stream(C* p, V<C> v) {
 #endif
 }
 
+// A non-temporal store of a vector converted to a 16-bit type, in 16-byte
+// pieces (p 16-byte aligned; the vector's W x 2 bytes a multiple of 16).
+template <class T>
+inline void store_stream_narrow(T* p, V<float> v) {
+  constexpr size_t bytes = sizeof(T) * Vec<float>::W;
+  static_assert(bytes % 16 == 0, "whole 16-byte pieces");
+#if defined(__SSE2__)
+  alignas(16) T tmp[Vec<float>::W];
+  store(tmp, v);
+  for (size_t o = 0; o < bytes; o += 16) {
+    __m128i h;
+    memcpy(&h, (const char*)tmp + o, 16);
+    _mm_stream_si128((__m128i*)((char*)p + o), h);
+  }
+#else
+  store(p, v);
+#endif
+}
+
 template <class T, class C = typename Compute<T>::type>
 inline void store_partial(T* p, V<C> v, int64_t n) {
   T tmp[Vec<C>::W];
