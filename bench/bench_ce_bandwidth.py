@@ -26,12 +26,14 @@ Rows (for each dtype and V, N x V ~ 2^27 logits):
   python bench/bench_ce_bandwidth.py --threads 1 --vocab 32000 --dtypes float32
 """
 import argparse
+import sys
 import threading
 import time
 
 import numpy as np
 
 import lmxent as lx
+from lmxent import reference as ref
 
 
 def blocks(n, k):
@@ -82,6 +84,7 @@ def make(dtype, n, v, threads, torch):
         finally:
             lx.set_output_cache(old)
     impls["fused nocache"] = nocache
+    impls["_t"] = t
     if torch is not None:
         import torch.nn.functional as F
         tx = torch.from_numpy(x.view(np.int16)).view(torch.bfloat16) if dtype == "bfloat16" \
@@ -99,6 +102,26 @@ def make(dtype, n, v, threads, torch):
     return x, impls
 
 
+def check(x, t, impls):
+    """lmxent's results on the first and last rows against the float64 reference
+    (per-row gradients of the mean are the reference's over N); raises if wrong."""
+    n, rows = len(t), [0, 1, len(t) - 1]
+    x64, tr = x[rows].astype(np.float64), t[rows]
+    tol = 2e-6 if x.dtype == np.float32 else 2e-2  # a few units of the output dtype
+    loss, g = impls["fused"]()
+    want = ref.cross_entropy_with_grad(x64, tr, reduction="sum")[1]
+    got = {"fused": g[rows].astype(np.float64) * n,
+           "log_softmax": impls["log_softmax"]()[rows].astype(np.float64)}
+    want = {"fused": want, "log_softmax": ref.log_softmax(x64)}
+    for k in got:
+        err = np.max(np.abs(got[k] - want[k])) / max(1.0, np.max(np.abs(want[k])))
+        if not err < tol:
+            raise SystemExit(f"lmxent {k} is WRONG on {x.shape} {x.dtype}: error {err:.2g}")
+    fwd = float(impls["forward"]())
+    if not abs(fwd - float(loss)) <= 1e-5 * max(1.0, abs(float(loss))):
+        raise SystemExit(f"lmxent forward {fwd} differs from the fused loss {float(loss)}")
+
+
 def timed(fn):
     t0 = time.perf_counter()
     r = fn()
@@ -113,7 +136,8 @@ ROWS = [("fused", "copy", "torch fused"), ("fused nocache", "copy", "torch fused
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="bench_ce_bandwidth.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
@@ -136,6 +160,7 @@ def main(argv=None):
         for v in a.vocab:
             n = max(1, int(a.elems) // v)
             x, impls = make(dtype, n, v, a.threads, torch)
+            check(x, impls.pop("_t"), impls)
             if a.only:
                 keep = set(a.only) | {"copy", "read"}
                 impls = {k: f for k, f in impls.items() if k in keep or k.startswith("torch") and
@@ -172,7 +197,8 @@ def main(argv=None):
                             f"(torch {np.median(ms[peer]):.0f} ms)"
                 print(line, flush=True)
             del x, impls
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
