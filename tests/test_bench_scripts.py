@@ -70,6 +70,23 @@ def test_bench_linear_cross_entropy_measures_time_and_memory(tmp_path):
         assert by["lmxent"]["peak_bytes"] is not None
 
 
+def test_bench_ce_bandwidth_checks_and_reports(capsys):
+    """The interleaved harness checks lmxent against the reference, then prints each
+    row with its floor (copy or read) and, without torch, no torch ratio."""
+    dtypes = ["float32"] + (["bfloat16"] if importlib.util.find_spec("ml_dtypes") else [])
+    code = load("bench_ce_bandwidth").main(["--threads", "2", "--rounds", "2", "--vocab", "1000",
+                                            "--elems", "64000", "--no-torch", "--dtypes", *dtypes])
+    out = capsys.readouterr().out
+    assert code == 0
+    for dtype in dtypes:
+        assert f"64x1000 {dtype}" in out
+    for row, floor in [("fused ", "copy"), ("fused nocache", "copy"), ("forward", "read"),
+                       ("log_softmax", "copy")]:
+        assert any(line.strip().startswith(row.strip()) and f"of {floor}" in line
+                   for line in out.splitlines()), row
+    assert "x torch" not in out
+
+
 @pytest.mark.parametrize("script", ["bench_cross_entropy", "bench_token_stats"])
 def test_bench_scripts_refuse_bad_arguments(script, capsys):
     with pytest.raises(SystemExit) as e:

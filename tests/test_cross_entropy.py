@@ -443,20 +443,23 @@ def test_grad_out_receives_the_gradient(rng, dtype, name):
     np.testing.assert_array_equal(out2, lx.cross_entropy_backward(x, t, lse, go, **opts))
 
 
-def test_large_grad_out_at_every_alignment(isa, rng):
+@pytest.mark.parametrize("dtype", CORE_DTYPES, ids=CORE_IDS)
+def test_large_grad_out_at_every_alignment(isa, dtype, rng):
     """A gradient over 32 MiB is written with non-temporal stores where a row is
-    16-byte aligned (whole vectors where it is vector-aligned): V = 32001 puts the
-    rows at every 4-byte offset modulo 64, and `out` starts 4 bytes into its buffer;
-    the sentinel around it stays."""
-    n, V = 263, 32001
-    x = rng.standard_normal((n, V)).astype(np.float32)
+    16-byte aligned (whole vectors where it is vector-aligned; 16-bit gradients in
+    16-byte pieces, except on the baseline ISA): V = 32001 puts the rows at every
+    item-size offset modulo 64, and `out` starts one item into its buffer; the
+    sentinel around it stays."""
+    V = 32001
+    n = 263 * 4 // dtype.itemsize  # 33.7 MB
+    x, x64 = make_logits(rng, (n, V), dtype, scale=1.0)
     t = rng.integers(0, V, n)
     t[::5] = -100
-    buf = np.full(n * V + 2, 7.0, np.float32)
+    buf = np.full(n * V + 2, 7.0, dtype)
     out = buf[1:-1].reshape(n, V)
     _, g = lx.cross_entropy_with_grad(x, t, out=out)
     assert g is out and buf[0] == 7.0 and buf[-1] == 7.0
-    assert_grad_close(out, ref.cross_entropy_with_grad(x.astype(np.float64), t)[1], F32)
+    assert_grad_close(out, ref.cross_entropy_with_grad(x64, t)[1], dtype)
 
 
 def test_grad_out_for_logits_that_need_a_copy(rng):

@@ -260,14 +260,16 @@ def test_out_row_strided_slice(isa, fn, rng):
 
 
 @pytest.mark.parametrize("fn", ["log_softmax", "softmax"])
-@pytest.mark.parametrize("dtype", [F32, F64], ids=_dtype_id)
+@pytest.mark.parametrize("dtype", [F32, F64, F16] + ([BF16] if BF16 is not None else []), ids=_dtype_id)
 def test_large_out_at_every_alignment(isa, fn, dtype, rng):
     """Outputs over 32 MiB are written with non-temporal stores: whole vectors where a
-    row is vector-aligned, 16-byte pieces where it is 16-byte aligned, plain stores
-    otherwise. With V = 32001 the rows start at every item-size offset modulo 64, and
-    `out` starts one item into its buffer; the sentinel around it stays."""
-    n, V = 263, 32001  # 33.7 MB of float32
-    x = rng.standard_normal((n, V)).astype(dtype)
+    row is vector-aligned, 16-byte pieces where it is 16-byte aligned (16-bit outputs
+    always in pieces, except on the baseline ISA), plain stores otherwise. With
+    V = 32001 the rows start at every item-size offset modulo 64, and `out` starts
+    one item into its buffer; the sentinel around it stays."""
+    V = 32001
+    n = 263 * 4 // np.dtype(dtype).itemsize  # 33.7 MB
+    x = rng.standard_normal((n, V)).astype(np.float32).astype(dtype)
     buf = np.full(n * V + 2, 7.0, dtype)
     out = buf[1:-1].reshape(n, V)
     assert call(fn, x, out=out) is out
