@@ -4,27 +4,37 @@
 // per thread, reused across calls) and a fast path for the common case.
 //
 // Why a CPU-only fast path: the shared row math works on a float64 copy of
-// the row (bias and penalties need one), so every pass over V entries is
-// scalar double code. Without bias and penalties, with top-k, float32/bf16/f16
-// logits and 2^-800 <= T <= 2^800, y = x / T is strictly increasing in x (the
-// quotients of distinct floats cannot round together, overflow or underflow
-// in double), so everything that needs the whole row can run on the raw x in
-// float vectors: the max, the NaN check, the top-k candidates (every x >= a
-// threshold th read off a sample of the row, as select_candidates does) and,
-// for the raw log-probabilities, sum exp(x - th) over the entries below th.
-// Only the candidates (about 2k + 8V/1024) go to double: their exps complete
-// the raw log-sum, then they are narrowed to the entries >= the kk-th largest
-// (kk = max(k, num_logprobs)), y = x / T at those, and the shared
-// decode_filters / decode_emit / decode_logprobs run on that compact list
-// (DecodeRow.vocab maps it back), so the survivors, the draw and the outputs
-// are the general path's. The raw log-sum is sum over candidates of
-// exp(x - max) in double plus exp(th - max) times the float sum below th:
-// accurate relative to x - max (not to the LSE's magnitude, which large
-// logits would spoil), each term below th smaller than the largest.
+// the row (a dense bias needs one), so every pass over V entries is scalar
+// double code. With float32/bf16/f16 logits and 2^-800 <= T <= 2^800, y = x / T
+// is strictly increasing in x (the quotients of distinct floats cannot round
+// together, overflow or underflow in double), so everything that needs the
+// whole row can run on the raw x in float vectors: the max, the NaN check, the
+// candidates (every x >= a threshold th) and sums exp(x - th) (raw) or
+// exp((x - th) / T) (processed) over the entries below th. Only the candidates
+// go to double: y = x / T at those, and the shared decode_filters /
+// decode_emit / decode_logprobs run on that compact list (DecodeRow.vocab maps
+// it back), so the survivors, the draw and the outputs are the general path's.
 //
-// Memory traffic of the fast path: one read of the logits (and one write of
-// the processed row when asked), plus ~1024 sampled entries. Any surprise
-// (NaN or +inf, a threshold that leaves fewer than k candidates or is -inf)
+// The candidates: with top-k (or greedy), th read off a sample of the row as
+// select_candidates does, for kk = max(k, num_logprobs) entries, then narrowed
+// to the entries >= the kk-th largest. With top-p / min-p and no top-k, a
+// second pass at th = L * T, L a level below which nothing can survive: min-p's
+// max + log(min_p) - 1; top-p's max - d, d widened 1.5x until the mass above L
+// exceeds top_p (+1e-6, for the float tail) of the total; the tail's mass
+// joins top_p_filter's total. Penalties and a sparse (V,) bias change few
+// entries (prev_tokens' distinct ids, the bias's nonzero ids): exceptions,
+// their y computed as decode_row does and merged into the list whatever their
+// raw value; kk counts them, so that enough others remain.
+//
+// The raw log-sum is sum over candidates of exp(x - max) in double plus
+// exp(th - max) times the float sum below th: accurate relative to x - max
+// (not to the LSE's magnitude, which large logits would spoil), each term
+// below th smaller than the largest.
+//
+// Memory traffic: one read of the logits (top-k, greedy) or two and more
+// (top-p / min-p: one per width tried), one write of the processed row when
+// asked, plus ~1024 sampled entries. Any surprise (NaN or +inf, a threshold
+// that leaves too few candidates or is -inf, more than V/8 candidates by mass)
 // sends the row to the general path, which reads it again.
 #include <float.h>
 #include <math.h>
@@ -261,8 +271,12 @@ bool decode_fast(const DecodeArgs& a, int64_t r, const T* x, const T* next, T* o
     // then every entry with y >= a level L, from a second pass at th = L * T
     // (rounded down): min-p's level; top-p's m - d (d = 8, then 1.5x wider)
     // until the mass above L provably exceeds top_p.
-    c = merge(x, s.ids, n, th, e, temp);
-    for (int64_t i = 0; i < c.n; ++i) m = c.y[i] > m ? c.y[i] : m;
+    if (e.n) {
+      c = merge(x, s.ids, n, th, e, temp);
+      for (int64_t i = 0; i < c.n; ++i) m = c.y[i] > m ? c.y[i] : m;
+    } else {
+      m = mr / temp;
+    }
     const double th1 = th;
     for (double d = 8;; d *= 1.5) {
       if (d > 2048) return false;
@@ -284,11 +298,16 @@ bool decode_fast(const DecodeArgs& a, int64_t r, const T* x, const T* next, T* o
         if (e.x[q] < th) pb -= (double)vexp_neg(splat<float>(((float)e.x[q] - t2) * inv))[0];
       const double Lr = th / temp;
       tail = pb > 0 ? ::exp(Lr - m) * pb : 0;
-      for (int64_t i = 0; i < c.n; ++i) {
-        const double w = ::exp(c.y[i] - m);
-        S += w;
-        upper += c.y[i] >= Lr ? w : 0;
+      constexpr int WD = Vec<double>::W;
+      const V<double> lv = splat<double>(Lr);
+      V<double> sv = {}, uv = {};
+      for (int64_t i = 0; i < c.n; i += WD) {
+        const V<double> y = load_partial(c.y + i, imin(WD, c.n - i), -inf);
+        const V<double> w = vexp_neg(y - m);
+        sv += w;
+        uv += y >= lv ? w : V<double>{};
       }
+      S = hsum<double>(sv), upper = hsum<double>(uv);
       if (upper >= (top_p + 1e-6) * (S + tail)) break;
     }
   }

@@ -18,12 +18,16 @@
 // (bias, penalties and temperature applied on the way), one pass over it for
 // the max, one for the candidates, then only survivors; the raw log-probabilities
 // (logprobs_of="raw") read the logits twice more (max and top-n, then the sum).
-// The CPU kernel has a one-pass fast path for the common case (top-k without
-// bias or penalties: cpp/cpu/ops/decoding.cpp) that feeds decode_filters and
-// decode_emit a compact candidate list (DecodeRow.vocab).
+// The CPU kernel has a fast path for the common cases (top-k, top-p or min-p,
+// greedy; penalties and a sparse bias as exceptions: cpp/cpu/ops/decoding.cpp)
+// that feeds decode_filters and decode_emit a compact candidate list
+// (DecodeRow.vocab).
 #pragma once
 #include "contract.h"
 #include "philox.h"
+#ifndef __CUDA_ARCH__
+#include <algorithm>
+#endif
 
 namespace lmxent {
 inline namespace LMXENT_ISA {
@@ -58,10 +62,15 @@ struct Descending {
 
 // Sorts a[0..n) descending: up to 64 entries by their ranks (each entry's
 // place is the count of entries before it; compares, no branches to
-// mispredict, unlike a heap sort's), more by dec_sort.
+// mispredict, unlike a heap sort's), more by dec_sort on the GPU and
+// std::sort on the host (a few times faster; the sorted doubles are the same).
 LMXENT_HD void sort_descending(double* a, int64_t n) {
   constexpr int64_t kRankSort = 64;
+#ifdef __CUDA_ARCH__
   if (n > kRankSort) return dec_sort(a, n, Descending());
+#else
+  if (n > kRankSort) return std::sort(a, a + n, Descending());
+#endif
   double out[kRankSort];
   for (int64_t i = 0; i < n; ++i) {
     const double v = a[i];
