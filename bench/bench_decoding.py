@@ -18,8 +18,8 @@ draws differ (different generators); lx.sample is checked against lmxent.referen
 Times are the median of interleaved runs (lmxent, copy, peers, repeated).
 
 Then the other common serving settings, lmxent against the copy only (same 5 raw
-log-probabilities): top-p 0.9 alone (two passes: the max, then the candidates by
-mass), top-k 50 + top-p 0.9 with a repetition penalty of 1.2 over 64 previous tokens
+log-probabilities): top-p 0.9 alone (one pass: candidates by mass, the level following
+the running max), top-k 50 + top-p 0.9 with a repetition penalty of 1.2 over 64 previous tokens
 per row (the penalized tokens as exceptions), and greedy (temperature 0).
 
     python bench/bench_decoding.py                 # 64 x 128256, float32 and bfloat16

@@ -155,7 +155,7 @@ def fast_path_rows(rng, dtype, V=5000, k=50):
     """Rows for the CPU kernel's fast path (16/32-bit logits; top-k, top-p, min-p,
     greedy, with penalties and a sparse bias as exceptions) and each of its ways
     back to the general path."""
-    x = 3 * rng.standard_normal((9, V))
+    x = 3 * rng.standard_normal((10, V))
     samples = np.arange(1024) * V // 1024  # the entries its threshold is read from
     x[1] += 1e4  # large logits: log-probabilities relative to the max, not to the LSE
     x[2, 1] = np.nan  # NaN, +inf off the sample: found by the pass
@@ -166,6 +166,8 @@ def fast_path_rows(rng, dtype, V=5000, k=50):
     x[6] = 1.0  # every entry ties (top-p, min-p: too many candidates)
     x[7] *= 10  # most terms below the threshold underflow
     x[8] = np.sort(x[8])  # ascending: every candidate in the last part of the row
+    x[9] = -20.0  # top-p's mass: over 4% of it 9 below the max (a wider level)
+    x[9, rng.choice(V, 301, replace=False)] = [10.0] + [1.0] * 300
     return x.astype(dtype)
 
 

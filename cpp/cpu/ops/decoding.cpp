@@ -17,11 +17,12 @@
 //
 // The candidates: with top-k (or greedy), th read off a sample of the row as
 // select_candidates does, for kk = max(k, num_logprobs) entries, then narrowed
-// to the entries >= the kk-th largest. With top-p / min-p and no top-k, a
-// second pass at th = L * T, L a level below which nothing can survive: min-p's
-// max + log(min_p) - 1; top-p's max - d, d widened 1.5x until the mass above L
-// exceeds top_p (+1e-6, for the float tail) of the total; the tail's mass
-// joins top_p_filter's total. Penalties and a sparse (V,) bias change few
+// to the entries >= the kk-th largest. With top-p / min-p and no top-k,
+// th = L * T, L a level below which nothing can survive (min-p's
+// max + log(min_p) - 1; top-p's max - d), set from the running max as the
+// pass goes (a superset: the max only rises); top-p widens d 1.5x, a pass at
+// each fixed level, until the mass above L exceeds top_p (+1e-6, for the
+// float tail) of the total; the tail's mass joins top_p_filter's total. Penalties and a sparse (V,) bias change few
 // entries (prev_tokens' distinct ids, the bias's nonzero ids): exceptions,
 // their y computed as decode_row does and merged into the list whatever their
 // raw value; kk counts them, so that enough others remain.
@@ -31,8 +32,8 @@
 // (not to the LSE's magnitude, which large logits would spoil), each term
 // below th smaller than the largest.
 //
-// Memory traffic: one read of the logits (top-k, greedy) or two and more
-// (top-p / min-p: one per width tried), one write of the processed row when
+// Memory traffic: one read of the logits (and one more per wider top-p level
+// tried, or when a penalty lowered the raw max), one write of the processed row when
 // asked, plus ~1024 sampled entries. Any surprise (NaN or +inf, a threshold
 // that leaves too few candidates or is -inf, more than V/8 candidates by mass)
 // sends the row to the general path, which reads it again.
@@ -90,19 +91,25 @@ inline int64_t sample_at(int64_t i, int64_t cols, int64_t ns) { return i * cols 
 // The fast path's pass over a row: its max, whether it holds a NaN, the
 // candidates x >= th (ascending, into ids) and, with Raw, sum exp(x - th) over
 // the entries below th (a NaN reaches that sum: no separate check), with Proc
-// sum exp((x - th) * inv) over them (inv = 1/T: the processed tail). Prefetches
-// the sample of the next row (`next`, or nullptr) as it goes.
+// sum exp((x - th) * inv) over them (inv = 1/T: the processed tail). The
+// threshold th = level(max so far), read before each chunk, never decreasing
+// (the sums are rescaled to the last, returned). Prefetches the sample of the
+// next row (`next`, or nullptr) as it goes.
 struct Scan {
   float max;
   bool nan;
   int64_t n;
   double below, pbelow;
+  float th;
 };
-template <bool Raw, bool Proc, class T>
-Scan scan_row(const T* x, int64_t cols, float th, int64_t* ids, const T* next, int64_t ns, float inv = 1) {
+template <bool Raw, bool Proc, class T, class Level>
+Scan scan_row(const T* x, int64_t cols, const Level& level, int64_t* ids, const T* next, int64_t ns,
+              float inv = 1) {
   typedef float C;
   constexpr int W = Vec<C>::W;
-  const V<C> tv = splat<C>(th), iv = splat<C>(inv);
+  float th = level(-(C)INFINITY);
+  V<C> tv = splat<C>(th);
+  const V<C> iv = splat<C>(inv);
   V<C> mx0 = splat<C>(-(C)INFINITY), mx1 = mx0;
   VI<C> nan = {};
   int64_t n = 0;
@@ -124,6 +131,11 @@ Scan scan_row(const T* x, int64_t cols, float th, int64_t* ids, const T* next, i
     const int64_t nb = imin(kChunk, cols - b), nv = nb - nb % W;
     for (; next && i < ns && sample_at(i, cols, ns) < b + nb; ++i)
       __builtin_prefetch(next + sample_at(i, cols, ns), 0, 3);
+    if (const float t = level(hmax<C>(vmax<C>(mx0, mx1))); t != th) {
+      if (Raw && below != 0) below *= ::exp((double)th - t);
+      if (Proc && pbelow != 0) pbelow *= ::exp(((double)th - t) * inv);
+      th = t, tv = splat<C>(t);
+    }
     V<C> e0 = {}, e1 = {}, p0 = {}, p1 = {};
     int64_t j = b;
     for (; j + 2 * W <= b + nv; j += 2 * W) {
@@ -135,7 +147,7 @@ Scan scan_row(const T* x, int64_t cols, float th, int64_t* ids, const T* next, i
     if (Raw) below += (double)hsum<C>(e0 + e1);
     if (Proc) pbelow += (double)hsum<C>(p0 + p1);
   }
-  return {hmax<C>(vmax<C>(mx0, mx1)), Raw ? below != below : cpu::any<C>(nan), n, below, pbelow};
+  return {hmax<C>(vmax<C>(mx0, mx1)), Raw ? below != below : cpu::any<C>(nan), n, below, pbelow, th};
 }
 
 // The entries of a (V,) logit bias that are not 0 (the exceptions of every
@@ -257,47 +269,58 @@ bool decode_fast(const DecodeArgs& a, int64_t r, const T* x, const T* next, T* o
     if (v != v || v == inf) return false;
     s.tmp[i] = v;
   }
-  double th = kth_largest(s.tmp, ns, si);
-  if (th == -inf) return false;
-  const Scan sc = raw && !by_mass ? scan_row<true, false>(x, cols, (float)th, s.ids, next, ns)
-                                  : scan_row<false, false>(x, cols, (float)th, s.ids, next, ns);
-  if (sc.nan || sc.max == (float)INFINITY || sc.n < kk) return false;
+  double smax = -inf;  // the sample's max: at most the row's
+  for (int64_t i = 0; i < ns; ++i) smax = s.tmp[i] > smax ? s.tmp[i] : smax;
+  const double th1 = kth_largest(s.tmp, ns, si);
+  if (th1 == -inf) return false;
+  // By mass: L = m - dd is the level below which nothing survives (min-p's
+  // max + log(min_p) - 1; top-p's max - 8, then wider); level_of(L) the
+  // largest float t with t / T <= L (at most th1 with the raw statistics:
+  // then the list holds the top-n and every entry above them).
+  const double dd = top_p < 1 ? 8 : 1 - ::log(min_p);
+  auto level_of = [&](double L) {
+    float t = (float)(L * temp);
+    while ((double)t / temp > L) t = nextafterf(t, -INFINITY);
+    return raw && t > th1 ? (float)th1 : t;
+  };
+  auto fixed = [](float t) { return [t](float) { return t; }; };
+  // One pass: the max, the NaN check and the candidates: with top-k, x >= th1;
+  // by mass, x >= level_of(running max / T - dd) (a superset of the entries
+  // above the final level), with the processed tail below it.
+  const T* none = nullptr;
+  Scan sc;
+  if (!by_mass) {
+    sc = raw ? scan_row<true, false>(x, cols, fixed((float)th1), s.ids, next, ns)
+             : scan_row<false, false>(x, cols, fixed((float)th1), s.ids, next, ns);
+  } else {
+    auto running = [&](float M) { return level_of((M > smax ? M : smax) / temp - dd); };
+    sc = raw ? scan_row<true, true>(x, cols, running, s.ids, next, ns, inv)
+             : scan_row<false, true>(x, cols, running, s.ids, next, ns, inv);
+  }
+  if (sc.nan || sc.max == (float)INFINITY) return false;
   const double mr = (double)sc.max;  // the raw max
   int64_t n = sc.n;
-  double below = sc.below, tail = 0, m = -inf;
+  double th = sc.th, below = sc.below, tail = 0, m = -inf;
   Entries c;
+  if (!by_mass && n < kk) return false;
   if (by_mass) {
-    // The processed max (a candidate that is no exception, or an exception),
-    // then every entry with y >= a level L, from a second pass at th = L * T
-    // (rounded down): min-p's level; top-p's m - d (d = 8, then 1.5x wider)
-    // until the mass above L provably exceeds top_p.
-    if (e.n) {
-      c = merge(x, s.ids, n, th, e, temp);
-      for (int64_t i = 0; i < c.n; ++i) m = c.y[i] > m ? c.y[i] : m;
-    } else {
-      m = mr / temp;
-    }
-    const double th1 = th;
-    for (double d = 8;; d *= 1.5) {
-      if (d > 2048) return false;
-      const double L = top_p < 1 ? m - d : m + ::log(min_p) - 1;
-      float t2 = (float)(L * temp);
-      while ((double)t2 / temp > L) t2 = nextafterf(t2, -INFINITY);
-      if (raw && t2 > th1) t2 = (float)th1;  // still the top-n and all above
-      if (!(t2 > -INFINITY)) return false;
-      const Scan s2 = raw ? scan_row<true, true>(x, cols, t2, s.ids, (const T*)nullptr, ns, inv)
-                          : scan_row<false, true>(x, cols, t2, s.ids, (const T*)nullptr, ns, inv);
-      if (s2.n > cols / 8) return false;  // a flat row: the general path
-      th = t2, n = s2.n, below = s2.below;
-      c = merge(x, s.ids, n, th, e, temp);
-      if (!(top_p < 1)) break;
-      // The tail: the float sum below th, less the exceptions' terms there
-      // (their values are their own, in the list).
-      double pb = s2.pbelow, S = 0, upper = 0;
-      for (int64_t q = 0; q < e.n; ++q)
-        if (e.x[q] < th) pb -= (double)vexp_neg(splat<float>(((float)e.x[q] - t2) * inv))[0];
-      const double Lr = th / temp;
-      tail = pb > 0 ? ::exp(Lr - m) * pb : 0;
+    if (n > cols / 8) return false;  // a flat row: the general path
+    int64_t above = 0;  // entries >= th: at least one not an exception, and the top-n
+    for (int64_t i = 0; i < n; ++i) above += (double)to_compute(x[s.ids[i]]) >= th;
+    if (above < kk) return false;
+    c = merge(x, s.ids, n, -inf, e, temp);
+    for (int64_t i = 0; i < c.n; ++i) m = c.y[i] > m ? c.y[i] : m;  // the processed max
+    // Top-p: the list (every entry >= t / T, and some below) must hold more
+    // than top_p of the mass, the tail the float sum below t less the
+    // exceptions' terms there (their own values are in the list).
+    auto enough = [&](float t, double pbelow) {
+      if (!(top_p < 1)) return true;
+      for (int64_t i = 0, q = 0; q < e.n; ++q) {
+        for (; i < n && s.ids[i] < e.id[q]; ++i) {}
+        if (i == n || s.ids[i] != e.id[q]) pbelow -= (double)vexp_neg(splat<float>(((float)e.x[q] - t) * inv))[0];
+      }
+      const double Lr = t / temp;
+      tail = pbelow > 0 ? ::exp(Lr - m) * pbelow : 0;
       constexpr int WD = Vec<double>::W;
       const V<double> lv = splat<double>(Lr);
       V<double> sv = {}, uv = {};
@@ -307,8 +330,23 @@ bool decode_fast(const DecodeArgs& a, int64_t r, const T* x, const T* next, T* o
         sv += w;
         uv += y >= lv ? w : V<double>{};
       }
-      S = hsum<double>(sv), upper = hsum<double>(uv);
-      if (upper >= (top_p + 1e-6) * (S + tail)) break;
+      return hsum<double>(uv) >= (top_p + 1e-6) * (hsum<double>(sv) + tail);
+    };
+    // The running level was at most the final one (it is not when a penalty
+    // lowered the raw max): one pass was enough, unless top-p needs it wider.
+    const bool first = sc.th <= level_of(m - dd);
+    if (!(first && enough(sc.th, sc.pbelow))) {
+      for (double d = first ? dd * 1.5 : dd;; d *= 1.5) {  // more passes, at fixed levels
+        if (d > 2048) return false;
+        const float t2 = level_of(m - d);
+        if (!(t2 > -INFINITY)) return false;
+        const Scan s2 = raw ? scan_row<true, true>(x, cols, fixed(t2), s.ids, none, ns, inv)
+                            : scan_row<false, true>(x, cols, fixed(t2), s.ids, none, ns, inv);
+        if (s2.n > cols / 8 || s2.n < kk) return false;
+        th = t2, n = s2.n, below = s2.below;
+        c = merge(x, s.ids, n, th, e, temp);
+        if (enough(t2, s2.pbelow)) break;
+      }
     }
   }
   // The raw log-sum: the candidates' terms in double, then the float sum below th.
