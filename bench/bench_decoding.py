@@ -17,6 +17,11 @@ beside the copy's (bytes read per second of a copy: half the copy's total traffi
 draws differ (different generators); lx.sample is checked against lmxent.reference first.
 Times are the median of interleaved runs (lmxent, copy, peers, repeated).
 
+Then the other common serving settings, lmxent against the copy only (same 5 raw
+log-probabilities): top-p 0.9 alone (one pass: candidates by mass, the level following
+the running max), top-k 50 + top-p 0.9 with a repetition penalty of 1.2 over 64 previous tokens
+per row (the penalized tokens as exceptions), and greedy (temperature 0).
+
     python bench/bench_decoding.py                 # 64 x 128256, float32 and bfloat16
     python bench/bench_decoding.py --rows 8 --vocab 32000
 """
@@ -31,6 +36,12 @@ from lmxent.bench.bodies import torch_process_hf
 from lmxent.bench.timing import best_time
 
 OPTS = dict(temperature=0.7, top_k=50, top_p=0.9)
+SETTINGS = {  # name: options (prev_tokens filled in per shape)
+    "top-p 0.9": dict(temperature=0.7, top_p=0.9),
+    "top-k 50 + top-p 0.9 + rep 1.2": dict(temperature=0.7, top_k=50, top_p=0.9,
+                                           repetition_penalty=1.2),
+    "greedy": dict(temperature=0.0),
+}
 TIMING = (3, 0.2, 5.0)  # best of: repeats, min and max seconds
 
 
@@ -68,9 +79,30 @@ def main(argv=None):
         torch.set_num_threads(lx.get_num_threads())
     except ImportError:
         torch = None
+    prev = rng.integers(0, args.vocab, (args.rows, 64))
     for dtype in (np.float32, lx.bfloat16_dtype()):
         if dtype is not None:
             measure(base, base.astype(dtype), torch, args)
+            for label, opts in SETTINGS.items():
+                opts = dict(opts, prev_tokens=prev) if "repetition_penalty" in opts else opts
+                measure_setting(base.astype(dtype), label, opts, args)
+
+
+def measure_setting(x, label, opts, args):
+    got = lx.sample(x, num_logprobs=5, **opts)
+    want = R.sample(x.astype(np.float64), num_logprobs=5, **opts)
+    assert np.array_equal(got.tokens, want.tokens), f"lx.sample differs ({label})"
+    dst = np.empty_like(x)
+    calls = {"lmxent": lambda: lx.sample(x, num_logprobs=5, **opts),
+             "copy": lambda: np.copyto(dst, x)}
+    times = {k: [] for k in calls}
+    for _ in range(args.repeats):
+        for k, f in calls.items():
+            times[k].append(best_time(f, lambda: None, *TIMING))
+    t = {k: float(np.median(v)) for k, v in times.items()}
+    print(f"{args.rows}x{args.vocab} {np.dtype(x.dtype).name}: {label:>31} "
+          f"{t['lmxent'] * 1e3:8.2f} ms = {t['lmxent'] / t['copy']:5.1f} copies of the "
+          f"logits ({t['copy'] * 1e3:.2f} ms)")
 
 
 def measure(base, x, torch, args):

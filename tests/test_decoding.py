@@ -152,9 +152,10 @@ def test_long_rows(dtype, opts, rng):
 
 
 def fast_path_rows(rng, dtype, V=5000, k=50):
-    """Rows for the CPU kernel's fast path (top-k, no bias or penalties, 16/32-bit
-    logits) and each of its ways back to the general path."""
-    x = 3 * rng.standard_normal((9, V))
+    """Rows for the CPU kernel's fast path (16/32-bit logits; top-k, top-p, min-p,
+    greedy, with penalties and a sparse bias as exceptions) and each of its ways
+    back to the general path."""
+    x = 3 * rng.standard_normal((10, V))
     samples = np.arange(1024) * V // 1024  # the entries its threshold is read from
     x[1] += 1e4  # large logits: log-probabilities relative to the max, not to the LSE
     x[2, 1] = np.nan  # NaN, +inf off the sample: found by the pass
@@ -162,23 +163,73 @@ def fast_path_rows(rng, dtype, V=5000, k=50):
     x[4, samples[:2 * k * 1024 // V + 8]] = 40 + np.arange(2 * k * 1024 // V + 8)
     x[5, :] = -np.inf  # a threshold of -inf
     x[5, rng.choice(V, 60, replace=False)] = rng.standard_normal(60)
-    x[6] = 1.0  # every entry ties
+    x[6] = 1.0  # every entry ties (top-p, min-p: too many candidates)
     x[7] *= 10  # most terms below the threshold underflow
     x[8] = np.sort(x[8])  # ascending: every candidate in the last part of the row
+    x[9] = -20.0  # top-p's mass: over 4% of it 9 below the max (a wider level)
+    x[9, rng.choice(V, 301, replace=False)] = [10.0] + [1.0] * 300
     return x.astype(dtype)
 
 
+def fast_path_history(x, rng, L=64):
+    """prev_tokens hitting each row's largest entries (the max among them: the
+    processed max is then another entry), repeats and padding."""
+    order = np.argsort(-x.astype(np.float64), axis=-1, kind="stable")
+    t = np.concatenate([order[:, :8], order[:, :3], rng.integers(0, x.shape[-1],
+                                                                 (x.shape[0], L - 11))], -1)
+    t[:, -5:] = -1
+    return rng.permuted(t, axis=-1)
+
+
+FAST_PATH_OPTIONS = [
+    dict(top_k=50), dict(top_k=50, temperature=0.7, top_p=0.9, min_p=0.01), dict(top_k=3),
+    dict(top_k=50, temperature=1e-30), dict(top_k=50, temperature=1e30),
+    dict(top_k=4999, top_p=0.5),
+    # top-p / min-p without top-k: the candidates by mass, their widening, fallbacks
+    dict(top_p=0.9), dict(temperature=0.7, top_p=0.9, min_p=0.01), dict(top_p=0.999),
+    dict(temperature=2.0, top_p=0.5), dict(min_p=0.05), dict(min_p=1e-30),
+    dict(top_p=0.9, temperature=1e-30),
+    # greedy
+    dict(temperature=0.0), dict(temperature=0.0, top_k=5, top_p=0.5),
+    # exceptions: penalties, a sparse bias (a ban, a push from far below), both
+    dict(top_k=50, repetition_penalty=1.2, presence_penalty=0.3, frequency_penalty=0.1),
+    dict(top_p=0.9, temperature=0.7, repetition_penalty=1.5),
+    dict(min_p=0.1, repetition_penalty=0.8, frequency_penalty=0.5),
+    dict(temperature=0.0, repetition_penalty=1.3),
+    dict(top_k=20, logit_bias="ban+push"), dict(top_p=0.8, logit_bias="ban+push"),
+    dict(temperature=0.0, logit_bias="ban+push"),
+    dict(top_k=50, top_p=0.9, logit_bias="ban+push", repetition_penalty=1.2,
+         presence_penalty=0.5),
+    # the general path: a per-row bias, a (V,) bias with too many nonzero entries
+    dict(top_k=50, logit_bias="rows"), dict(top_p=0.9, logit_bias="dense"),
+]
+
+
+def fast_path_options(o, x, rng):
+    o = dict(o)
+    V = x.shape[-1]
+    if "repetition_penalty" in o:
+        o["prev_tokens"] = fast_path_history(x, rng)
+    bias = o.get("logit_bias")
+    if bias == "ban+push":  # ban row 0's max, push a low entry above every row's max
+        o["logit_bias"] = {int(np.argmax(x[0].astype(np.float64))): -np.inf,
+                           int(np.argmin(x[0].astype(np.float64))): 60.0, 17: 0.5}
+    elif bias in ("rows", "dense"):  # multiples of 1/16: x + bias is exact in float32
+        o["logit_bias"] = rng.integers(-16, 16, (x.shape[0], V) if bias == "rows" else V) / 16
+    return o
+
+
 @pytest.mark.parametrize("dtype", [d for d in DTYPES if d != np.float64], ids=dtype_id)
-def test_fast_path_and_its_fallbacks(isa, dtype, rng):
+@pytest.mark.parametrize("opts", FAST_PATH_OPTIONS,
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_fast_path_and_its_fallbacks(isa, dtype, opts, rng):
     x = fast_path_rows(rng, dtype)
-    for o in (dict(top_k=50), dict(top_k=50, temperature=0.7, top_p=0.9, min_p=0.01),
-              dict(top_k=3), dict(top_k=50, temperature=1e-30),
-              dict(top_k=50, temperature=1e30), dict(top_k=4999, top_p=0.5)):
-        if o.get("temperature", 1) > 1e-3:  # else values beyond float16's range
-            assert_processed(lx.process_logits(x, **o), x, dtype, **o)
-        for n, of in ((5, "raw"), (20, "raw"), (5, "processed")):
-            assert assert_samples(lx.sample(x, seed=2, num_logprobs=n, logprobs_of=of, **o),
-                                  x, seed=2, num_logprobs=n, logprobs_of=of, **o) == 0
+    o = fast_path_options(opts, x, rng)
+    if not 0 < o.get("temperature", 1) < 1e-3:  # else values beyond float16's range
+        assert_processed(lx.process_logits(x, **o), x, dtype, **o)
+    for n, of in ((5, "raw"), (20, "raw"), (5, "processed")):
+        assert assert_samples(lx.sample(x, seed=2, num_logprobs=n, logprobs_of=of, **o),
+                              x, seed=2, num_logprobs=n, logprobs_of=of, **o) == 0
 
 
 @pytest.mark.parametrize("V", [1, 2, 7, 2048])

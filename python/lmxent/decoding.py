@@ -7,9 +7,10 @@ min_p, penalties, seed, offset) is a scalar or an array of that shape: a serving
 batch mixes requests with different settings. The kernels (lmxent/decoding.h) do all
 their math in float64, whatever the logits' dtype, and never sort the vocabulary:
 top-k keeps a candidate set found from a sample of the row, top-p sorts only the
-candidates near the max, the sample walks the survivors once. On the CPU, top-k
-without bias or penalties reads 16/32-bit logits once, in SIMD, and only the
-candidates go to float64 (docs/decoding.md, "The kernels").
+candidates near the max, the sample walks the survivors once. On the CPU, top-k,
+top-p or min-p and greedy rows of 16/32-bit logits (penalties and a sparse bias
+allowed) read the logits once or twice, in SIMD, and only the candidates go to
+float64 (docs/decoding.md, "The kernels").
 
 NumPy logits run on the CPU kernel; CuPy logits on the CUDA kernel (parameters are
 host scalars or NumPy arrays, validated on the host and copied to the device).

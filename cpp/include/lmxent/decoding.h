@@ -18,12 +18,16 @@
 // (bias, penalties and temperature applied on the way), one pass over it for
 // the max, one for the candidates, then only survivors; the raw log-probabilities
 // (logprobs_of="raw") read the logits twice more (max and top-n, then the sum).
-// The CPU kernel has a one-pass fast path for the common case (top-k without
-// bias or penalties: cpp/cpu/ops/decoding.cpp) that feeds decode_filters and
-// decode_emit a compact candidate list (DecodeRow.vocab).
+// The CPU kernel has a fast path for the common cases (top-k, top-p or min-p,
+// greedy; penalties and a sparse bias as exceptions: cpp/cpu/ops/decoding.cpp)
+// that feeds decode_filters and decode_emit a compact candidate list
+// (DecodeRow.vocab).
 #pragma once
 #include "contract.h"
 #include "philox.h"
+#ifndef __CUDA_ARCH__
+#include <algorithm>
+#endif
 
 namespace lmxent {
 inline namespace LMXENT_ISA {
@@ -58,10 +62,15 @@ struct Descending {
 
 // Sorts a[0..n) descending: up to 64 entries by their ranks (each entry's
 // place is the count of entries before it; compares, no branches to
-// mispredict, unlike a heap sort's), more by dec_sort.
+// mispredict, unlike a heap sort's), more by dec_sort on the GPU and
+// std::sort on the host (a few times faster; the sorted doubles are the same).
 LMXENT_HD void sort_descending(double* a, int64_t n) {
   constexpr int64_t kRankSort = 64;
+#ifdef __CUDA_ARCH__
   if (n > kRankSort) return dec_sort(a, n, Descending());
+#else
+  if (n > kRankSort) return std::sort(a, a + n, Descending());
+#endif
   double out[kRankSort];
   for (int64_t i = 0; i < n; ++i) {
     const double v = a[i];
@@ -179,9 +188,12 @@ struct ProbAtLeast {  // exp(y_j - m) / S >= t
   LMXENT_HD bool operator()(int64_t j) const { return ::exp(y[j] - m) / S >= t; }
 };
 
-// Top-p over the survivors (see the file comment); n > 0, m their max.
-LMXENT_HD int64_t top_p_filter(const double* y, double m, int64_t* ids, int64_t n, double top_p, double* tmp) {
-  double S = 0;
+// Top-p over the survivors (see the file comment); n > 0, m their max; tail:
+// the mass exp(y - m) of survivors not in ids (0 but for the CPU fast path's
+// compact lists, which hold every token top-p can keep).
+LMXENT_HD int64_t top_p_filter(const double* y, double m, int64_t* ids, int64_t n, double top_p, double* tmp,
+                               double tail) {
+  double S = tail;
   for (int64_t i = 0; i < n; ++i) S += ::exp(y[ids[i]] - m);
   for (double d = 8;; d *= 4) {
     const bool all = d > 2048;  // beyond any exp's range: every survivor
@@ -201,16 +213,24 @@ LMXENT_HD int64_t top_p_filter(const double* y, double m, int64_t* ids, int64_t 
 // Top-k, top-p and min-p of a row with values y and finite max m, over
 // ids[0..n) (ascending): every finite entry, or with top-k a superset of the
 // entries >= the k-th largest (and at least k of them). tmp: n doubles.
+// tail: as top_p_filter's.
 LMXENT_HD int64_t decode_filters(const DecodeArgs& a, int64_t r, const double* y, double m, int64_t* ids,
-                                 int64_t n, double* tmp) {
+                                 int64_t n, double* tmp, double tail = 0) {
   const int64_t k = a.top_k[r];
   if (k > 0 && k < a.logits.cols) {
     for (int64_t i = 0; i < n; ++i) tmp[i] = y[ids[i]];
     n = dec_filter(ids, n, AtLeast{y, kth_largest(tmp, n, k)});  // ties with the k-th stay
   }
-  if (a.top_p[r] < 1) n = top_p_filter(y, m, ids, n, a.top_p[r], tmp);
+  if (a.top_p[r] < 1) n = top_p_filter(y, m, ids, n, a.top_p[r], tmp, tail);
   if (a.min_p[r] > 0) n = dec_filter(ids, n, ProbAtLeast{y, m, 1.0, a.min_p[r]});
   return n;
+}
+
+// The penalties of row r on a value v of a token seen c > 0 times: HF's
+// repetition penalty, then OpenAI's presence and frequency.
+LMXENT_HD double dec_penalize(const DecodeArgs& a, int64_t r, double v, int64_t c) {
+  const double x = v < 0 ? v * a.repetition[r] : v / a.repetition[r];
+  return x - a.presence[r] - a.frequency[r] * (double)c;
 }
 
 // process_logits of row r: raw(j) the logit as a double. Fills s.y and s.ids.
@@ -228,13 +248,11 @@ LMXENT_HD DecodeRow decode_row(const DecodeArgs& a, int64_t r, const Raw& raw, c
       if (t >= 0) s.hist[L++] = t;
     }
     dec_sort(s.hist, L, Ascending());
-    const double rp = a.repetition[r], pres = a.presence[r], freq = a.frequency[r];
     for (int64_t i = 0; i < L;) {
       const int64_t t = s.hist[i];
       int64_t c = 0;
       for (; i < L && s.hist[i] == t; ++i) ++c;
-      const double x = y[t] < 0 ? y[t] * rp : y[t] / rp;
-      y[t] = x - pres - freq * (double)c;
+      y[t] = dec_penalize(a, r, y[t], c);
     }
   }
   const double T = a.temperature[r];
