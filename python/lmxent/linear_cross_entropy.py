@@ -199,35 +199,40 @@ class _Grads:
         self.d_hidden = A.empty(xp, (N, D), head.dtype)
         self.d_weight = A.empty(xp, (V, D), ct)
         self.d_bias = xp.empty(V, ct) if head.b is not None else None
-        self.dh_tmp = A.empty(xp, (head.rows, D), ct) if head.dtype != ct else None
+        self.dh_t = A.empty(xp, (D, head.rows), ct)  # d_hidden of a chunk, transposed
         # d_weight += g.T @ h goes through this (see _BLOCK_ELEMS); no larger than the
         # logits buffer either
         block = max(1, min(_BLOCK_ELEMS, head.rows * V) // D)
-        self.tmp = A.empty(xp, (min(V, block), D), ct) if head.rows < N else None
+        self.tmp = A.empty(xp, (min(V, block), D), ct)
 
     def add(self, sl, h, g):
         """Add the chunk of rows `sl`: hidden rows h and logit gradients g (both in the
         compute dtype)."""
         xp, w = self.head.xp, self.head.w
-        part = self.d_hidden[sl] if self.dh_tmp is None else self.dh_tmp[: sl.stop - sl.start]
-        xp.matmul(g, w, out=part)
+        # d_hidden = g @ W as (W.T @ g.T).T: the same product, but OpenBLAS threads the
+        # (D, rows) orientation well, while g @ W (K = V) ran 2-3x slower on 2 threads
+        # than on one (rows <= 384, D = 512 and 2048). The transposed copy is small.
+        part = self.dh_t[:, : sl.stop - sl.start]
+        xp.matmul(w.T, g.T, out=part)
         if self.scale_after is not None:
             _times(xp, part, self.scale_after)
-        if self.dh_tmp is not None:
-            self.d_hidden[sl] = part
-        if sl.start == 0:  # the first chunk writes the accumulators
-            xp.matmul(g.T, h, out=self.d_weight)
-            if self.d_bias is not None:
-                xp.sum(g, axis=0, out=self.d_bias)
-            return
-        acc, step = self.d_weight, self.tmp.shape[0]
+        self.d_hidden[sl] = part.T
+        # d_weight by vocabulary blocks, also in the first chunk (which writes them):
+        # one (V, D) product of a transposed g made OpenBLAS fault in ~24 MB of
+        # buffers that the blocks never need.
+        first, acc, step = sl.start == 0, self.d_weight, self.tmp.shape[0]
         for s in range(0, acc.shape[0], step):
             e = min(s + step, acc.shape[0])
-            part = self.tmp[: e - s]
+            part = acc[s:e] if first else self.tmp[: e - s]
             xp.matmul(g[:, s:e].T, h, out=part)
-            xp.add(acc[s:e], part, out=acc[s:e])
-        if self.d_bias is not None:
-            xp.add(self.d_bias, g.sum(axis=0), out=self.d_bias)
+            if not first:
+                xp.add(acc[s:e], part, out=acc[s:e])
+        if self.d_bias is not None:  # g.T @ ones: BLAS's threaded gemv, no temporary
+            ones = xp.ones(g.shape[0], g.dtype)
+            if first:
+                xp.matmul(ones, g, out=self.d_bias)
+            else:
+                xp.add(self.d_bias, xp.matmul(ones, g), out=self.d_bias)
 
     def result(self):
         """(d_hidden, d_weight, d_bias or None) in the input dtypes and shapes."""
