@@ -43,8 +43,11 @@ __all__ = ["linear_cross_entropy", "linear_target_logprobs"]
 # OpenBLAS (AVX2, D=512, 4096 tokens), the first product runs at ~60 GFLOP/s with
 # the 16 rows the hidden-state budget gives at V=128256 against ~180 at full size,
 # and the whole call takes 1.32x / 1.23x / 1.12x / 1.08x the three full-size
-# products with 128 / 256 / 384 / 512-row chunks (V=128256, one thread). 384 rows
-# is the most that keeps the working memory under 10% of the logits at 4096 tokens.
+# products with 128 / 256 / 384 / 512-row chunks (V=128256, one thread).
+# The floor is also at most 3/4 of D rows: a buffer of at most 3/4 of d_weight's
+# size, so that the call's memory beyond its outputs stays below that of torch's
+# chunked F.linear_cross_entropy (about the outputs' size) when D is small
+# (docs/lm_head.md has the curve of chunk size against time and memory).
 MIN_CHUNK_ROWS = 384
 
 # d_weight += g.T @ h: NumPy's and CuPy's matmul cannot accumulate (no BLAS
@@ -75,9 +78,10 @@ def _times(xp, a, scale):
 def default_chunk_rows(hidden, weight):
     """The token rows of a chunk linear_cross_entropy takes by default for `hidden`
     (..., D) and `weight` (V, D): a logits buffer no larger than the hidden states,
-    but at least MIN_CHUNK_ROWS rows (and at most every token)."""
+    but at least min(MIN_CHUNK_ROWS, 3/4 D) rows (and at most every token)."""
     row_bytes = weight.shape[0] * A.compute_dtype(hidden.dtype).itemsize
-    rows = max(hidden.nbytes // row_bytes, MIN_CHUNK_ROWS)
+    floor = min(MIN_CHUNK_ROWS, max(1, 3 * hidden.shape[-1] // 4))
+    rows = max(hidden.nbytes // row_bytes, floor)
     return min(rows, hidden.size // hidden.shape[-1])
 
 
@@ -266,8 +270,8 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, class_weight=Non
 
     Chunks: `chunk_size` token rows, or as many as fit in `memory_budget` bytes of
     logits buffer (V x 4 bytes per row; x 8 for float64). By default the buffer is
-    no larger than the hidden states, but at least MIN_CHUNK_ROWS rows (thinner
-    chunks leave the matrix products bound by reading the weight)."""
+    no larger than the hidden states, but at least min(MIN_CHUNK_ROWS, 3/4 D) rows
+    (thinner chunks leave the matrix products bound by reading the weight)."""
     opts = Options(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale,
                    normalizer)
     head = _Head(hidden, weight, targets, bias, opts=opts, class_weight=class_weight,
