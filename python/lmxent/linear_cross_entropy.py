@@ -231,12 +231,11 @@ class _Grads:
             xp.matmul(g[:, s:e].T, h, out=part)
             if not first:
                 xp.add(acc[s:e], part, out=acc[s:e])
-        if self.d_bias is not None:  # g.T @ ones: BLAS's threaded gemv, no temporary
-            ones = xp.ones(g.shape[0], g.dtype)
+        if self.d_bias is not None:
             if first:
-                xp.matmul(ones, g, out=self.d_bias)
+                xp.sum(g, axis=0, out=self.d_bias)
             else:
-                xp.add(self.d_bias, xp.matmul(ones, g), out=self.d_bias)
+                xp.add(self.d_bias, g.sum(axis=0), out=self.d_bias)
 
     def result(self):
         """(d_hidden, d_weight, d_bias or None) in the input dtypes and shapes."""
