@@ -205,9 +205,10 @@ class _Grads:
         self.d_bias = xp.empty(V, ct) if head.b is not None else None
         self.dh_t = A.empty(xp, (D, head.rows), ct)  # d_hidden of a chunk, transposed
         # d_weight += g.T @ h goes through this (see _BLOCK_ELEMS); no larger than the
-        # logits buffer either
+        # logits buffer either; the first chunk's blocks go straight into d_weight
         block = max(1, min(_BLOCK_ELEMS, head.rows * V) // D)
-        self.tmp = A.empty(xp, (min(V, block), D), ct)
+        self.tmp = A.empty(xp, (min(V, block), D), ct) if head.rows < N else None
+        self.step = min(V, block)
 
     def add(self, sl, h, g):
         """Add the chunk of rows `sl`: hidden rows h and logit gradients g (both in the
@@ -224,7 +225,7 @@ class _Grads:
         # d_weight by vocabulary blocks, also in the first chunk (which writes them):
         # one (V, D) product of a transposed g made OpenBLAS fault in ~24 MB of
         # buffers that the blocks never need.
-        first, acc, step = sl.start == 0, self.d_weight, self.tmp.shape[0]
+        first, acc, step = sl.start == 0, self.d_weight, self.step
         for s in range(0, acc.shape[0], step):
             e = min(s + step, acc.shape[0])
             part = acc[s:e] if first else self.tmp[: e - s]
