@@ -9,8 +9,12 @@ Implementations (mean cross-entropy of hidden @ weight.T; loss, d_hidden, d_weig
   logits+lx    logits = h @ W.T, lx.cross_entropy_with_grad(inplace=True), g @ W, g.T @ h
                (the lean materialised path: one N x V array)
   torch        F.cross_entropy(h @ W.T, t).backward() (eager, float32, same threads)
+  torch chunked  F.linear_cross_entropy(h, W, t, options=LinearCrossEntropyOptions())
+               (torch 2.13's chunked LM head, its default chunks), .backward()
   3 matmuls    h @ W.T, Z @ W, Z.T @ h into preallocated outputs: the work no LM head
-               can avoid; the issue's time target is 1.15x of this
+               can avoid (float32 only)
+  3 matmuls T  the same with Z @ W computed as (W.T @ Z.T) into a (D, N) output, the
+               orientation lmxent uses for d_hidden (OpenBLAS threads it better)
 
 Every implementation is checked first, on the timed inputs, against a float64
 reference computed chunk by chunk (the loss; d_hidden of the first tokens; d_weight
@@ -22,20 +26,33 @@ outputs) that the call touched, the same way for every implementation. Memory th
 malloc and lmxent's output cache hold for reuse is released first, so that reusing
 it counts. "working" is
 that peak minus the call's outputs (d_hidden, d_weight), which every path returns.
-The first call (the check) is the warm-up; the time is the best of --repeats calls
-taken round robin over the implementations (this machine's load varies); the
-memory is measured in the last of them.
+The first call (the check) is the warm-up; the time is the median of --repeats calls
+taken round robin over the implementations (this machine's load varies), with the
+spread (min-max) in the JSON; the memory is measured in the last of them.
+
+--memory (the figure of record for peak memory): every implementation, and lmxent at
+each --sweep chunk, in a fresh subprocess: inputs built, one warm-up call of the same
+implementation on a smaller problem (min(N, 1024) x D x min(V, 8192): BLAS's and
+torch's one-off buffers), the high-water mark reset (/proc/self/clear_refs), then one
+call with its outputs kept; "extra" = ru_maxrss - the resident set before the call -
+the outputs' bytes (d_hidden, d_weight): the memory a method needs beyond its inputs
+and outputs.
 
     python bench/bench_linear_cross_entropy.py              # 4096 x 512 x {32000, 128256}
     python bench/bench_linear_cross_entropy.py --quick      # one small shape
     python bench/bench_linear_cross_entropy.py --sweep 64,128,512,1024   # chunk rows
+    python bench/bench_linear_cross_entropy.py --memory --sweep 64,128  # peak memory only
     OPENBLAS_NUM_THREADS=1 python bench/bench_linear_cross_entropy.py --threads 1
 """
 import argparse
 import ctypes
 import gc
+import json
 import os
 import platform
+import resource
+import statistics
+import subprocess
 import sys
 import time
 from functools import partial
@@ -124,9 +141,22 @@ def torch_eager(ht, Wt, tt):
     return loss, (ht.grad, Wt.grad)
 
 
+def torch_chunked(ht, Wt, tt):
+    ht.grad = Wt.grad = None
+    loss = F.linear_cross_entropy(ht, Wt, tt, options=torch.nn.LinearCrossEntropyOptions())
+    loss.backward()
+    return loss, (ht.grad, Wt.grad)
+
+
 def three_matmuls(h, W, Z, dh, dW):
     np.matmul(h, W.T, out=Z)
     np.matmul(Z, W, out=dh)
+    np.matmul(Z.T, h, out=dW)
+
+
+def three_matmuls_t(h, W, Z, dh_t, dW):
+    np.matmul(h, W.T, out=Z)
+    np.matmul(W.T, Z.T, out=dh_t)
     np.matmul(Z.T, h, out=dW)
 
 
@@ -165,11 +195,21 @@ def check(res, want, k, vocab_rows, low):
 
 # ---- one shape ------------------------------------------------------------------
 
-def bench_shape(N, D, V, dtype, repeats, chunk_rows, sweep, skip):
+def make_problem(N, D, V, dtype):
     rng = np.random.default_rng(0)
     h = rng.standard_normal((N, D), dtype=np.float32).astype(dtype)
     W = (rng.standard_normal((V, D), dtype=np.float32) / np.sqrt(D) * 2).astype(dtype)
-    t = rng.integers(0, V, N)
+    return h, W, rng.integers(0, V, N), rng
+
+
+def to_torch(a):
+    if a.dtype == lx.bfloat16_dtype():
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def bench_shape(N, D, V, dtype, repeats, chunk_rows, sweep, skip):
+    h, W, t, rng = make_problem(N, D, V, dtype)
     k, vocab_rows = min(N, 32), np.unique(np.concatenate([t[:8], rng.integers(0, V, 24)]))
     low = dtype != np.float32
     want = reference_parts(h, W, t, k, vocab_rows)
@@ -181,11 +221,10 @@ def bench_shape(N, D, V, dtype, repeats, chunk_rows, sweep, skip):
         impls["naive NumPy"] = lambda: naive_numpy(h, W, t)
         impls["logits+lx"] = lambda: logits_lmxent(h, W, t)
     if torch is not None:
-        to_t = (lambda a: torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)) if low \
-            else torch.from_numpy
-        ht, Wt = to_t(h).clone().requires_grad_(True), to_t(W).clone().requires_grad_(True)
+        ht, Wt = to_torch(h).clone().requires_grad_(True), to_torch(W).clone().requires_grad_(True)
         tt = torch.from_numpy(t)
         impls["torch"] = lambda: torch_eager(ht, Wt, tt)
+        impls["torch chunked"] = lambda: torch_chunked(ht, Wt, tt)
     impls = {n: f for n, f in impls.items() if n not in skip}
     for c in sweep:
         impls[f"lmxent chunk {c}"] = lambda c=c: lx.linear_cross_entropy(h, W, t, chunk_size=c)
@@ -197,17 +236,20 @@ def bench_shape(N, D, V, dtype, repeats, chunk_rows, sweep, skip):
     timed = {n: f for n, f in impls.items() if rows[n]["status"] == "ok"}
     if dtype == np.float32:
         Z, dh, dW = np.empty((N, V), np.float32), np.empty_like(h), np.empty_like(W)
+        dh_t = np.empty((D, N), np.float32)
         timed["3 matmuls"] = lambda: three_matmuls(h, W, Z, dh, dW)
-        timed["3 matmuls"]()  # warm-up; the pages of Z are touched
-        rows["3 matmuls"] = dict(impl="3 matmuls", status="ok", note="outputs preallocated",
-                                 peak_bytes=None, working_bytes=Z.nbytes)
+        timed["3 matmuls T"] = lambda: three_matmuls_t(h, W, Z, dh_t, dW)
+        for name in ("3 matmuls", "3 matmuls T"):
+            timed[name]()  # warm-up; the pages of Z are touched
+            rows[name] = dict(impl=name, status="ok", note="outputs preallocated",
+                              peak_bytes=None, working_bytes=Z.nbytes)
     # Round robin, so that a change in the machine's load hits every implementation;
     # the memory is measured in the last round (after the warm-up: a first call also
     # allocates the BLAS and thread pools' buffers).
     times = {n: [] for n in timed}
     for r in range(repeats):
         for name, fn in timed.items():
-            if r < repeats - 1 or name == "3 matmuls":
+            if r < repeats - 1 or name.startswith("3 matmuls"):
                 times[name].append(wall_time(fn))
                 continue
             s, peak = peak_rss(partial(wall_time, fn))
@@ -215,8 +257,9 @@ def bench_shape(N, D, V, dtype, repeats, chunk_rows, sweep, skip):
             rows[name].update(peak_bytes=peak,
                               working_bytes=None if peak is None else peak - out_bytes)
     for name, ts in times.items():
-        rows[name]["seconds"] = min(w for w, _ in ts)
-        rows[name]["cpu_seconds"] = min(c for _, c in ts)
+        rows[name]["seconds"] = statistics.median(w for w, _ in ts)
+        rows[name]["cpu_seconds"] = statistics.median(c for _, c in ts)
+        rows[name]["spread"] = [min(w for w, _ in ts), max(w for w, _ in ts)]
         print(f"  {name}: {rows[name]['seconds']:.3f} s (CPU {rows[name]['cpu_seconds']:.3f} s), "
               f"peak {fmt_mib(rows[name]['peak_bytes'])}", flush=True)
     swept = [dict(rows.pop(f"lmxent chunk {c}"), chunk_rows=c) for c in sweep]
@@ -235,6 +278,70 @@ def bench_shape(N, D, V, dtype, repeats, chunk_rows, sweep, skip):
                     ratios[f"peak_vs_{name}"] = me["peak_bytes"] / r["peak_bytes"]
     return dict(shape=[N, D, V], dtype=np.dtype(dtype).name, chunk_rows=lmx_rows,
                 output_bytes=out_bytes, results=rows, ratios=ratios, sweep=swept)
+
+
+# ---- peak memory, one fresh process per configuration ------------------------------
+
+def _outputs(name, h, W, t, chunk):
+    """(d_hidden, d_weight) of one call of implementation `name`."""
+    if name == "lmxent":
+        return lx.linear_cross_entropy(h, W, t, chunk_size=chunk)[1][:2]
+    if name == "naive NumPy":
+        return naive_numpy(h, W, t)[1]
+    ht, Wt = to_torch(h).requires_grad_(True), to_torch(W).requires_grad_(True)
+    fn = torch_chunked if name == "torch chunked" else torch_eager
+    return fn(ht, Wt, torch.from_numpy(t))[1]
+
+
+def _nbytes(a):
+    return a.nbytes if isinstance(a, np.ndarray) else a.numel() * a.element_size()
+
+
+def peak_child(name, N, D, V, dtype_name, chunk):
+    """Prints {"extra_bytes", "output_bytes"} of one call (see --memory)."""
+    (dtype,), _ = dtypes_from_names([dtype_name])
+    chunk = None if chunk == "default" else int(chunk)
+    _outputs(name, *make_problem(min(N, 1024), D, min(V, 8192), dtype)[:3], chunk)  # warm-up
+    h, W, t, _ = make_problem(N, D, V, dtype)
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    lx.set_output_cache(lx.set_output_cache(0))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # ru_maxrss follows the reset high-water mark
+    before = _status("VmRSS")
+    out = _outputs(name, h, W, t, chunk)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out_bytes = sum(_nbytes(o) for o in out)
+    print(json.dumps(dict(extra_bytes=peak - before - out_bytes, output_bytes=out_bytes)))
+
+
+def memory_shape(N, D, V, dtype, chunk_rows, sweep, skip):
+    """[{impl, chunk_rows, extra_bytes, output_bytes}], each from a fresh process."""
+    name = np.dtype(dtype).name
+    configs = [("lmxent", chunk_rows)] + [("lmxent", c) for c in sweep]
+    if dtype == np.float32:
+        configs.append(("naive NumPy", None))
+    if torch is not None:
+        configs += [("torch chunked", None), ("torch", None)]
+    rows = []
+    for impl, c in configs:
+        if impl in skip:
+            continue
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--peak-of", impl,
+                              str(N), str(D), str(V), name, str(c or "default")],
+                             capture_output=True, text=True)
+        if impl == "lmxent" and c is None:
+            z = np.zeros((), dtype)
+            c = default_chunk_rows(np.broadcast_to(z, (N, D)), np.broadcast_to(z, (V, D)))
+        r = dict(impl=impl, chunk_rows=c if impl == "lmxent" else None)
+        if out.returncode == 0:
+            r.update(json.loads(out.stdout.splitlines()[-1]))
+        else:
+            r["error"] = out.stderr.strip().splitlines()[-1:]
+        rows.append(r)
+        extra = fmt_mib(r.get("extra_bytes"))
+        print(f"  {impl}{f', {c} rows' if impl == 'lmxent' else ''}: extra {extra}", flush=True)
+    return rows
 
 
 def fmt_mib(b):
@@ -284,9 +391,14 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="lmxent and torch threads "
                     "(default: lmxent's); set OPENBLAS_NUM_THREADS for NumPy's BLAS")
     ap.add_argument("--quick", action="store_true", help="1024 x 256 x 32000, float32")
+    ap.add_argument("--memory", action="store_true", help="only the peak memory, each "
+                    "configuration in a fresh process (Linux)")
+    ap.add_argument("--peak-of", nargs=6, help=argparse.SUPPRESS)  # the child of --memory
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results",
                                                    "linear_cross_entropy.json"))
     args = ap.parse_args(argv)
+    if args.peak_of:
+        return peak_child(*args.peak_of[:1], *map(int, args.peak_of[1:4]), *args.peak_of[4:])
     if args.quick:
         args.tokens, args.hidden, args.vocab, args.dtypes = 1024, 256, "32000", "float32"
     dtypes, skipped = dtypes_from_names(args.dtypes.split(","))
@@ -312,6 +424,11 @@ def main(argv=None):
     for V in (int(v) for v in args.vocab.split(",")):
         for dt in dtypes:
             print(f"\n{args.tokens} x {args.hidden} x {V} {np.dtype(dt).name} ...", flush=True)
+            if args.memory:
+                results.append(dict(shape=[args.tokens, args.hidden, V], dtype=np.dtype(dt).name,
+                                    memory=memory_shape(args.tokens, args.hidden, V, dt,
+                                                        args.chunk_rows, sweep, skip)))
+                continue
             res = bench_shape(args.tokens, args.hidden, V, dt, args.repeats, args.chunk_rows,
                               sweep, skip)
             print_shape(res)
@@ -320,7 +437,8 @@ def main(argv=None):
     path = write_json(dict(info=info, results=results), os.path.dirname(os.path.abspath(args.json)),
                       os.path.basename(args.json))
     print(f"\nwrote {path}")
-    return 1 if any(r["status"] == "WRONG" for res in results for r in res["results"]) else 0
+    return 1 if any(r.get("status") == "WRONG" or "error" in r for res in results
+                    for r in res.get("results", []) + res.get("memory", [])) else 0
 
 
 if __name__ == "__main__":

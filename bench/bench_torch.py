@@ -60,7 +60,7 @@ def cross_entropy_cases(N, V, dtype, repeat):
 
 LINEAR = {
     "lmxent.torch.linear_cross_entropy": lt.linear_cross_entropy,
-    # thinner chunks than the default (>= 384 rows): less memory, slower products
+    # thinner chunks than the default (>= min(384, 3/4 D) rows): less memory, slower products
     "lmxent.torch.linear_cross_entropy(chunk_size=128)": lambda h, w, t: lt.linear_cross_entropy(
         h, w, t, chunk_size=128),
     "F.linear_cross_entropy(options)": lambda h, w, t: F.linear_cross_entropy(

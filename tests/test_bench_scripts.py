@@ -58,11 +58,11 @@ def test_bench_token_stats_compares_with_cross_entropy(tmp_path, capsys):
 def test_bench_linear_cross_entropy_measures_time_and_memory(tmp_path):
     path = tmp_path / "head.json"
     code = load("bench_linear_cross_entropy").main(
-        ["--tokens", "64", "--hidden", "16", "--vocab", "300", "--repeats", "1",
+        ["--tokens", "64", "--hidden", "128", "--vocab", "300", "--repeats", "1",
          "--skip", "torch", "--json", str(path)])
     assert code == 0
     (res,) = json.loads(path.read_text())["results"]
-    assert res["shape"] == [64, 16, 300] and res["chunk_rows"] == 64  # at most every token
+    assert res["shape"] == [64, 128, 300] and res["chunk_rows"] == 64  # at most every token
     by = {r["impl"]: r for r in res["results"]}
     assert {"lmxent", "naive NumPy", "logits+lx", "3 matmuls"} <= set(by)
     assert by["lmxent"]["status"] == "ok" and by["lmxent"]["seconds"] > 0

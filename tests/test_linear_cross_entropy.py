@@ -190,8 +190,9 @@ def test_default_chunk_is_hidden_sized_with_a_row_floor(rng):
     def rows(n, d, v, dtype=F32):
         h = np.zeros((n, d), dtype)
         return _Head(h, np.zeros((v, d), dtype), np.zeros(n, np.int64)).rows
-    assert rows(10, 4, 8) == 10                        # fewer tokens than the floor: one chunk
+    assert rows(10, 512, 8) == 10                      # fewer tokens than the floor: one chunk
     assert rows(4096, 512, 128256) == MIN_CHUNK_ROWS   # hidden-sized would be 16 rows
+    assert rows(1024, 256, 32000) == 192               # the floor is at most 3/4 of D
     assert rows(8192, 2048, 32000) == 8192 * 2048 // 32000   # 524 rows = hidden's bytes
     assert rows(4096, 512, 1024, F64) == 2048          # float64 hidden, float64 buffer
     assert rows(4096, 512, 1024, F16) == 1024  # 16-bit hidden, float32 buffer

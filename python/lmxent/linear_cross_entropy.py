@@ -43,8 +43,11 @@ __all__ = ["linear_cross_entropy", "linear_target_logprobs"]
 # OpenBLAS (AVX2, D=512, 4096 tokens), the first product runs at ~60 GFLOP/s with
 # the 16 rows the hidden-state budget gives at V=128256 against ~180 at full size,
 # and the whole call takes 1.32x / 1.23x / 1.12x / 1.08x the three full-size
-# products with 128 / 256 / 384 / 512-row chunks (V=128256, one thread). 384 rows
-# is the most that keeps the working memory under 10% of the logits at 4096 tokens.
+# products with 128 / 256 / 384 / 512-row chunks (V=128256, one thread).
+# The floor is also at most 3/4 of D rows: a buffer of at most 3/4 of d_weight's
+# size, so that the call's memory beyond its outputs stays below that of torch's
+# chunked F.linear_cross_entropy (about the outputs' size) when D is small
+# (docs/lm_head.md has the curve of chunk size against time and memory).
 MIN_CHUNK_ROWS = 384
 
 # d_weight += g.T @ h: NumPy's and CuPy's matmul cannot accumulate (no BLAS
@@ -75,9 +78,10 @@ def _times(xp, a, scale):
 def default_chunk_rows(hidden, weight):
     """The token rows of a chunk linear_cross_entropy takes by default for `hidden`
     (..., D) and `weight` (V, D): a logits buffer no larger than the hidden states,
-    but at least MIN_CHUNK_ROWS rows (and at most every token)."""
+    but at least min(MIN_CHUNK_ROWS, 3/4 D) rows (and at most every token)."""
     row_bytes = weight.shape[0] * A.compute_dtype(hidden.dtype).itemsize
-    rows = max(hidden.nbytes // row_bytes, MIN_CHUNK_ROWS)
+    floor = min(MIN_CHUNK_ROWS, max(1, 3 * hidden.shape[-1] // 4))
+    rows = max(hidden.nbytes // row_bytes, floor)
     return min(rows, hidden.size // hidden.shape[-1])
 
 
@@ -199,35 +203,40 @@ class _Grads:
         self.d_hidden = A.empty(xp, (N, D), head.dtype)
         self.d_weight = A.empty(xp, (V, D), ct)
         self.d_bias = xp.empty(V, ct) if head.b is not None else None
-        self.dh_tmp = A.empty(xp, (head.rows, D), ct) if head.dtype != ct else None
+        self.dh_t = A.empty(xp, (D, head.rows), ct)  # d_hidden of a chunk, transposed
         # d_weight += g.T @ h goes through this (see _BLOCK_ELEMS); no larger than the
-        # logits buffer either
+        # logits buffer either; the first chunk's blocks go straight into d_weight
         block = max(1, min(_BLOCK_ELEMS, head.rows * V) // D)
         self.tmp = A.empty(xp, (min(V, block), D), ct) if head.rows < N else None
+        self.step = min(V, block)
 
     def add(self, sl, h, g):
         """Add the chunk of rows `sl`: hidden rows h and logit gradients g (both in the
         compute dtype)."""
         xp, w = self.head.xp, self.head.w
-        part = self.d_hidden[sl] if self.dh_tmp is None else self.dh_tmp[: sl.stop - sl.start]
-        xp.matmul(g, w, out=part)
+        # d_hidden = g @ W as (W.T @ g.T).T: the same product, but OpenBLAS threads the
+        # (D, rows) orientation well, while g @ W (K = V) ran 2-3x slower on 2 threads
+        # than on one (rows <= 384, D = 512 and 2048). The transposed copy is small.
+        part = self.dh_t[:, : sl.stop - sl.start]
+        xp.matmul(w.T, g.T, out=part)
         if self.scale_after is not None:
             _times(xp, part, self.scale_after)
-        if self.dh_tmp is not None:
-            self.d_hidden[sl] = part
-        if sl.start == 0:  # the first chunk writes the accumulators
-            xp.matmul(g.T, h, out=self.d_weight)
-            if self.d_bias is not None:
-                xp.sum(g, axis=0, out=self.d_bias)
-            return
-        acc, step = self.d_weight, self.tmp.shape[0]
+        self.d_hidden[sl] = part.T
+        # d_weight by vocabulary blocks, also in the first chunk (which writes them):
+        # one (V, D) product of a transposed g made OpenBLAS fault in ~24 MB of
+        # buffers that the blocks never need.
+        first, acc, step = sl.start == 0, self.d_weight, self.step
         for s in range(0, acc.shape[0], step):
             e = min(s + step, acc.shape[0])
-            part = self.tmp[: e - s]
+            part = acc[s:e] if first else self.tmp[: e - s]
             xp.matmul(g[:, s:e].T, h, out=part)
-            xp.add(acc[s:e], part, out=acc[s:e])
+            if not first:
+                xp.add(acc[s:e], part, out=acc[s:e])
         if self.d_bias is not None:
-            xp.add(self.d_bias, g.sum(axis=0), out=self.d_bias)
+            if first:
+                xp.sum(g, axis=0, out=self.d_bias)
+            else:
+                xp.add(self.d_bias, g.sum(axis=0), out=self.d_bias)
 
     def result(self):
         """(d_hidden, d_weight, d_bias or None) in the input dtypes and shapes."""
@@ -261,8 +270,8 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, class_weight=Non
 
     Chunks: `chunk_size` token rows, or as many as fit in `memory_budget` bytes of
     logits buffer (V x 4 bytes per row; x 8 for float64). By default the buffer is
-    no larger than the hidden states, but at least MIN_CHUNK_ROWS rows (thinner
-    chunks leave the matrix products bound by reading the weight)."""
+    no larger than the hidden states, but at least min(MIN_CHUNK_ROWS, 3/4 D) rows
+    (thinner chunks leave the matrix products bound by reading the weight)."""
     opts = Options(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale,
                    normalizer)
     head = _Head(hidden, weight, targets, bias, opts=opts, class_weight=class_weight,
