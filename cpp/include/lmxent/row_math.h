@@ -199,7 +199,12 @@ LMXENT_HD void ce_row(const CEArgs& a, int64_t r, double kz, double hard_k, doub
     const double lse_zt = hard ? -k.sh.logp(kz, k.u_t) : 0.0;
     ((C*)a.loss)[r] = (C)ce_loss(k.lse, lse_zt, k.hard_w, t_sum, tz_sum, a.z_loss);
   }
-  k.A = a.grad_coef ? (double)((const C*)a.grad_coef)[r] : ce_grad_coef(k.lse, k.hard_w, t_sum, a.z_loss);
+  // A scale beyond scale_max acts as scale_max on the elements (Tr), but the
+  // z-loss coefficient 2 z_loss lse needs the row's true lse, scale M + L
+  // (a tiny z_loss can make it O(1)); the loss is inf in C either way.
+  const double lse_z =
+      kz == scale_max<C>() && a.tr.scale > kz && k.sh.rel ? a.tr.scale * k.sh.M + k.sh.L : k.lse;
+  k.A = a.grad_coef ? (double)((const C*)a.grad_coef)[r] : ce_grad_coef(lse_z, k.hard_w, t_sum, a.z_loss);
   k.rs = a.grad_scale * (a.grad_rows ? (double)((const C*)a.grad_rows)[r] : 1.0);
 }
 
