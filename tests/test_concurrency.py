@@ -52,7 +52,8 @@ def inputs():
 def work(_=None):
     x, long_rows, t = inputs()
     loss, grad = lx.cross_entropy_with_grad(x, t)
-    return ([lx.logsumexp(x), lx.softmax(long_rows), loss, grad],
+    s = lx.sample(x, top_k=50, top_p=0.9, seed=7, num_logprobs=3)
+    return ([lx.logsumexp(x), lx.softmax(long_rows), loss, grad, s.tokens, s.top_logprobs],
             lx.get_num_threads(), workers())
 
 def workers():
@@ -250,6 +251,10 @@ def mixed_ops(rows):
         lambda: [np.asarray(v) for v in lx.token_stats(x, t)],
         lambda: list(lx.kl_divergence(x, teacher, return_grad=True)),
         lambda: [lx.linear_cross_entropy(h, w, t, return_grads=False)],
+        lambda: list(lx.sample(x, top_k=50, top_p=0.9, seed=3, num_logprobs=3)),
+        lambda: [lx.process_logits(x16, top_p=0.9, repetition_penalty=1.2,
+                                   prev_tokens=t.reshape(-1, 1))],
+        lambda: list(lx.top_k(x, 5)),
     ]
 
 
