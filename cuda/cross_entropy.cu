@@ -74,21 +74,27 @@ struct CEK {
   }
 
   // Pass 1 over [c0, c1): this thread's LSE state (in u = pre(x)) and the
-  // spread sums sum t_j, sum t_j u_j.
+  // spread sums sum t_j, sum t_j u_j and sum t_j (u_j - m).
   __device__ Acc<C> partial(int64_t r, int64_t c0, int64_t c1) const {
     Acc<C> acc = acc_empty<C>();
     const C* qr = q(r);
     row_walk<false>(x(r), (T*)nullptr, c0, c1, [&](int64_t j, auto& v) {
       for (auto& e : v) e = tr.pre(e);
+      const C m0 = acc.m;
       acc_add(acc, v, tr.k);
       if constexpr (SP) {
-        C ts = 0, tz = 0;
+        const C mx = acc.m == -inf<C>() ? (C)0 : acc.m;  // all -inf: tu = sum t_j u_j
+        C ts = 0, tz = 0, tu = 0;
         int i = 0;
         for (const C u : v) {
           const C t = sp.at(qr, j + i++);
           ts += t;
-          tz += t == (C)0 ? (C)0 : t * u;  // a zero target never meets -inf
+          if (t != (C)0) {  // a zero target never meets -inf
+            tz += t * u;
+            tu += t * (u - mx);
+          }
         }
+        acc.tu = spread_rebase(acc.tu, acc.ts, (double)m0, (double)acc.m) + (double)tu;
         acc.ts += (double)ts;
         acc.tz += (double)tz;
       }
@@ -116,7 +122,7 @@ struct CEK {
     k.x_t = x_t;
     k.u_t = tr.one_u((C)x_t);
     const double t_sum = !SP ? 0.0 : (prob() || weighted_ids) ? acc.ts : t_sum_k;
-    ce_row<C>(a, r, tr.kz, hard_k, t_sum, tr.kz * acc.tz, write, k);
+    ce_row<C>(a, r, tr.kz, hard_k, SpreadSums{t_sum, tr.kz * acc.tz, acc.tu}, write, k);
     return k;
   }
 

@@ -210,16 +210,16 @@ __device__ __forceinline__ void row_fill(T* out, int64_t c0, int64_t c1, typenam
 // ---- online log-sum-exp per thread -------------------------------------------------
 // In u space: s = sum exp2((u - m) k) with m the largest u seen (exactly 1 for
 // the max term, so lse >= max). The sums are kept in double (one add per
-// vector); with the spread-target sums ts = sum t_j and tz = sum t_j u_j of
-// cross-entropy. A NaN never becomes m (fmax skips it) but reaches s; with
+// vector); with the spread-target sums ts = sum t_j, tz = sum t_j u_j and
+// tu = sum t_j (u_j - m) of cross-entropy (spread_rebase in the contract). A NaN never becomes m (fmax skips it) but reaches s; with
 // m = +inf the sum means nothing (lse_final returns +inf) unless a NaN is met.
 template <class C>
 struct Acc {
   C m;
-  double s, ts, tz;
+  double s, ts, tz, tu;
 };
 template <class C>
-__device__ __forceinline__ Acc<C> acc_empty() { return {-inf<C>(), 0.0, 0.0, 0.0}; }
+__device__ __forceinline__ Acc<C> acc_empty() { return {-inf<C>(), 0.0, 0.0, 0.0, 0.0}; }
 
 template <class C, int K>
 __device__ __forceinline__ void acc_add(Acc<C>& a, const C (&u)[K], const Factor<C>& k) {
@@ -254,7 +254,8 @@ template <class C>
 __device__ __forceinline__ Acc<C> acc_merge(const Acc<C>& a, const Acc<C>& b, const Factor<C>& k) {
   const LseState<double> r =
       lse_merge(LseState<double>{(double)a.m, a.s}, LseState<double>{(double)b.m, b.s}, MergeExp<C>{k});
-  return {(C)r.m, r.s, a.ts + b.ts, a.tz + b.tz};
+  const double tu = spread_rebase(a.tu, a.ts, (double)a.m, r.m) + spread_rebase(b.tu, b.ts, (double)b.m, r.m);
+  return {(C)r.m, r.s, a.ts + b.ts, a.tz + b.tz, tu};
 }
 
 struct DLog {
@@ -269,7 +270,8 @@ __device__ __forceinline__ double acc_lse(const Acc<C>& a, double kz) {
 template <class C>
 __device__ __forceinline__ Acc<C> shfl_xor(const Acc<C>& a, int o) {
   return {__shfl_xor_sync(kFullMask, a.m, o), __shfl_xor_sync(kFullMask, a.s, o),
-          __shfl_xor_sync(kFullMask, a.ts, o), __shfl_xor_sync(kFullMask, a.tz, o)};
+          __shfl_xor_sync(kFullMask, a.ts, o), __shfl_xor_sync(kFullMask, a.tz, o),
+          __shfl_xor_sync(kFullMask, a.tu, o)};
 }
 
 // The block's merged state, valid in thread 0. blockDim.x is a multiple of 32;
@@ -294,12 +296,12 @@ __device__ Acc<C> block_reduce(Acc<C> a, const Factor<C>& k, Acc<C>* sh) {
 // ---- split rows: partial states in scratch ------------------------------------------
 
 struct Part {  // one block's pass-1 result over its slice, u space
-  double m, s, ts, tz;
+  double m, s, ts, tz, tu;
 };
 template <class C>
-__device__ __forceinline__ Part to_part(const Acc<C>& a) { return {(double)a.m, a.s, a.ts, a.tz}; }
+__device__ __forceinline__ Part to_part(const Acc<C>& a) { return {(double)a.m, a.s, a.ts, a.tz, a.tu}; }
 template <class C>
-__device__ __forceinline__ Acc<C> from_part(const Part& p) { return {(C)p.m, p.s, p.ts, p.tz}; }
+__device__ __forceinline__ Acc<C> from_part(const Part& p) { return {(C)p.m, p.s, p.ts, p.tz, p.tu}; }
 
 // The merged state of a split row from its S parts (all threads call it).
 template <class C>

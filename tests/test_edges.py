@@ -170,10 +170,9 @@ CE_OPTIONS = [dict(logit_scale=1e-46), dict(logit_scale=1e-300), dict(logit_scal
               dict(label_smoothing=0.3, logit_scale=1e20), dict(z_loss=1e300, logit_scale=1e-200),
               dict(softcap=1e39, logit_scale=1e30),
               dict(z_loss=1e-300, logit_scale=1e300), dict(z_loss=1e-290, logit_scale=1e300),
-              # a known defect (issue 15): the label-smoothing sum cancels t_sum * lse
-              # against kz * sum_j t_j u_j
-              pytest.param(dict(label_smoothing=0.1, logit_scale=1e300), marks=pytest.mark.xfail(
-                  reason="issue 15: label-smoothing sum cancels at |logit_scale * x| > ~1e16"))]
+              # the spread loss t_sum * lse - kz * sum_j t_j u_j, formed relative to the max
+              dict(label_smoothing=0.1, logit_scale=1e300), dict(label_smoothing=0.1, logit_scale=1e20),
+              dict(label_smoothing=0.1, softcap=1e30, logit_scale=1e300)]
 
 
 def _ce_ids(kw):
@@ -202,6 +201,34 @@ def test_cross_entropy_any_option(isa, rng, dtype, kw):
         rb = R.cross_entropy_backward(x64, t, lse.astype(np.float64), np.ones(4),
                                       reduction="none", **kw)
         assert_edge_close(gb, rb, dtype, f"backward {kw}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("scale", [1e8, 1e20, 1e39, 1e300])
+@pytest.mark.parametrize("cols", [7, 3000])  # one chunk; several, merged
+def test_spread_loss_does_not_cancel(isa, rng, dtype, scale, cols):
+    """Label smoothing and probability targets on rows whose scaled logits are huge:
+    the loss sum_j t_j (lse - z_j) is formed relative to the row's max, not as the
+    difference of two huge numbers. Equal logits: exactly log V times the target
+    mass, at any scale."""
+    x = np.full((2, cols), 0.75).astype(dtype)
+    q = rng.random((2, cols))
+    q /= q.sum(axis=1, keepdims=True)
+    want = np.log(cols)
+    lp = lx.cross_entropy(x, q, reduction="none", logit_scale=scale)
+    ls = lx.cross_entropy(x, np.array([1, 4]), reduction="none", logit_scale=scale,
+                          label_smoothing=0.1)
+    rtol = 1e-12 if dtype == np.float64 else 1e-6 if dtype == np.float32 else 1e-2
+    np.testing.assert_allclose(lp.astype(np.float64), want, rtol=rtol)
+    np.testing.assert_allclose(ls.astype(np.float64), want, rtol=rtol)
+    # one entry above the rest by a few ulps: the loss is scale * (gap), huge but exact
+    y = np.full((1, cols), 1.0)
+    y[0, 3] = 1.0 + 2.0**-20
+    y = y.astype(dtype)
+    got = lx.cross_entropy(y, q[:1], reduction="none", logit_scale=scale)
+    with np.errstate(over="ignore", invalid="ignore"):
+        ref = R.cross_entropy(y.astype(np.float64), q[:1], reduction="none", logit_scale=scale)
+    assert_edge_close(got, ref, loss_dtype(dtype), "one larger entry")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=str)

@@ -140,10 +140,12 @@ inline LsePart merge(const LsePart& a, const LsePart& b) {
   return {lse_merge(a.st, b.st, dexp), a.mu > b.mu || a.mu != a.mu ? a.mu : b.mu};
 }
 struct CEPart : LsePart {
-  double t_sum = 0, tz_sum = 0;
+  double t_sum = 0, tz_sum = 0, tu = 0;  // tu: sum_j t_j (u_j - mu)
 };
 inline CEPart merge(const CEPart& a, const CEPart& b) {
-  return {merge((const LsePart&)a, b), a.t_sum + b.t_sum, a.tz_sum + b.tz_sum};
+  const LsePart l = merge((const LsePart&)a, b);
+  return {l, a.t_sum + b.t_sum, a.tz_sum + b.tz_sum,
+          spread_rebase(a.tu, a.t_sum, a.mu, l.mu) + spread_rebase(b.tu, b.t_sum, b.mu, l.mu)};
 }
 struct StatsPart : LsePart {
   double h = 0;
@@ -230,7 +232,7 @@ P row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr_in, const S& sp,
       if (nan) mu = (C)NAN;
     }
     const C mx = mu == -(C)INFINITY ? (C)0 : mu;
-    V<C> s0 = {}, s1 = {}, ts = {}, tz = {}, h0 = {}, h1 = {};
+    V<C> s0 = {}, s1 = {}, ts = {}, tz = {}, tu = {}, h0 = {}, h1 = {};
     // Rank: u_j > ut, or u_j == ut before the target; the target's index within
     // the chunk is clamped to [-1, n + 1] so that it is exact in C.
     const bool ranks = Stats && rank && rank->t >= 0;
@@ -305,17 +307,17 @@ P row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr_in, const S& sp,
     for (int i = 0; Stats && i < W; ++i) above += cnt[i];
     const double shift = chunk_shift(mu, tr.kz);
     if (keep) keep->m[b >> kChunkShift] = (double)mu;
-    if (S::active) {  // sums of t_j and t_j u_j (z = kz u)
-      for (j = 0; j < nv; j += W) {
-        V<C> t = sp.vec(b + j), u = u_at(j);
+    if (S::active) {  // sums of t_j, t_j u_j (z = kz u) and t_j (u_j - mu)
+      auto add = [&](V<C> t, V<C> u) {
+        const auto nz = t != (C)0;  // a zero target never meets -inf
         ts += t;
-        tz += t == (C)0 ? V<C>{} : t * u;  // a zero target never meets -inf
-      }
+        tz += nz ? t * u : V<C>{};
+        tu += nz ? t * (u - mx) : V<C>{};
+      };
+      for (j = 0; j < nv; j += W) add(sp.vec(b + j), u_at(j));
       if (nv < n) {
-        V<C> t = sp.part(b + nv, n - nv);
-        t = lanes < (C)(n - nv) ? t : V<C>{};
-        ts += t;
-        tz += t == (C)0 ? V<C>{} : t * u_tail;
+        const V<C> t = sp.part(b + nv, n - nv);
+        add(lanes < (C)(n - nv) ? t : V<C>{}, u_tail);
       }
     }
     // With +inf in the chunk the sum (NaN from inf - inf) does not matter.
@@ -326,6 +328,7 @@ P row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr_in, const S& sp,
     if constexpr (std::is_same<P, CEPart>::value) {
       chunk.t_sum = (double)hsum<C>(ts);
       chunk.tz_sum = tr.kz * (double)hsum<C>(tz);
+      chunk.tu = (double)hsum<C>(tu);  // mx = 0 where mu = -inf: then tu is sum_j t_j u_j
     }
     if constexpr (Stats) {
       chunk.h = tr.kz * (double)hsum<C>(h0 + h1);

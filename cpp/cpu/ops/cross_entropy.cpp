@@ -54,7 +54,7 @@ struct CEOp {
     k.t = prob() ? -1 : a.targets[r];
     k.x_t = k.t < 0 ? 0.0 : (double)to_compute(x(r)[k.t]);
     k.u_t = tr.one_u((C)k.x_t);
-    ce_row<C>(a, r, tr.kz, hard_k, prob() ? p.t_sum : t_sum_k, p.tz_sum, true, k);
+    ce_row<C>(a, r, tr.kz, hard_k, SpreadSums{prob() ? p.t_sum : t_sum_k, p.tz_sum, p.tu}, true, k);
     return k;
   }
 

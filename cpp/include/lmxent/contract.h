@@ -312,12 +312,23 @@ LMXENT_HD CESpread ce_spread(bool prob_targets, double eps, int64_t V) {
 // vocabulary case), so 0 * inf is never formed; nor is a zero z_loss times an
 // infinite LSE. lse_zt = lse - z_t, passed formed (relative to the row's max
 // where z and lse are huge).
+// spread = sum_j t_j (lse - z_j), also passed formed (ce_spread_loss).
 template <class C>
-LMXENT_HD C ce_loss(C lse, C lse_zt, C hard_w, C t_sum, C tz_sum, C z_loss) {
+LMXENT_HD C ce_loss(C lse, C lse_zt, C hard_w, C spread, C z_loss) {
   C hard = hard_w == (C)0 ? (C)0 : hard_w * lse_zt;
-  C spread = t_sum == (C)0 ? (C)0 : lse * t_sum - tz_sum;
   C zl = z_loss == (C)0 ? (C)0 : z_loss * lse * lse;
   return hard + spread + zl;
+}
+
+// The spread sums are kept relative to the largest u seen, m:
+// tu = sum_j t_j (u_j - m), so that the spread loss, t_sum lse - kz sum_j t_j
+// u_j, is formed as t_sum L - kz tu (lse = kz M + L) and never cancels where
+// lse and kz u_j are far larger than their difference (a huge logit scale).
+// spread_rebase moves tu to a larger max M. A -inf m means every u was -inf:
+// tu is then sum_j t_j u_j itself (0 or -inf).
+template <class C>
+LMXENT_HD C spread_rebase(C tu, C t_sum, C m, C M) {
+  return m == M || m == -(C)INFINITY ? tu : tu + t_sum * (m - M);
 }
 
 // A in dL/dz_j = A * p_j - t_j - hard_w [j == t].

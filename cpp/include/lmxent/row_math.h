@@ -186,18 +186,27 @@ struct CERow {
   RowShift sh;
 };
 
+// The spread sums of a row: sum_j t_j, kz sum_j t_j u_j, and sum_j t_j (u_j - M)
+// relative to the row's largest u (spread_rebase of the contract).
+struct SpreadSums {
+  double t_sum, tz, tu;
+};
+
 // The scalars of a counted row (not ignored, a valid class id) from its lse,
-// sh, t, x_t and u_t (already set) and the row's sum_j t_j and kz sum_j t_j u_j;
-// writes its loss when `write`.
+// sh, t, x_t and u_t (already set) and its spread sums; writes its loss when
+// `write`.
 template <class C>
-LMXENT_HD void ce_row(const CEArgs& a, int64_t r, double kz, double hard_k, double t_sum, double tz_sum,
-                      bool write, CERow& k) {
+LMXENT_HD void ce_row(const CEArgs& a, int64_t r, double kz, double hard_k, const SpreadSums& sp, bool write,
+                      CERow& k) {
   const bool hard = k.t >= 0;
   const C* w = (const C*)a.class_weight;
   k.hard_w = hard ? hard_k * (w ? (double)w[k.t] : 1.0) : 0.0;
+  const double t_sum = sp.t_sum;
   if (write && a.loss) {
     const double lse_zt = hard ? -k.sh.logp(kz, k.u_t) : 0.0;
-    ((C*)a.loss)[r] = (C)ce_loss(k.lse, lse_zt, k.hard_w, t_sum, tz_sum, a.z_loss);
+    // relative to the row's max where the LSE is (see RowShift)
+    const double spread = t_sum == 0 ? 0.0 : k.sh.rel ? t_sum * k.sh.L - kz * sp.tu : k.lse * t_sum - sp.tz;
+    ((C*)a.loss)[r] = (C)ce_loss(k.lse, lse_zt, k.hard_w, spread, a.z_loss);
   }
   // A scale beyond scale_max acts as scale_max on the elements (Tr), but the
   // z-loss coefficient 2 z_loss lse needs the row's true lse, scale M + L
