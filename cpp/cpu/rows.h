@@ -232,7 +232,7 @@ P row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr_in, const S& sp,
       if (nan) mu = (C)NAN;
     }
     const C mx = mu == -(C)INFINITY ? (C)0 : mu;
-    V<C> s0 = {}, s1 = {}, ts = {}, tz = {}, tu = {}, h0 = {}, h1 = {};
+    V<C> s0 = {}, s1 = {}, ts = {}, tu = {}, h0 = {}, h1 = {};
     // Rank: u_j > ut, or u_j == ut before the target; the target's index within
     // the chunk is clamped to [-1, n + 1] so that it is exact in C.
     const bool ranks = Stats && rank && rank->t >= 0;
@@ -307,12 +307,10 @@ P row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr_in, const S& sp,
     for (int i = 0; Stats && i < W; ++i) above += cnt[i];
     const double shift = chunk_shift(mu, tr.kz);
     if (keep) keep->m[b >> kChunkShift] = (double)mu;
-    if (S::active) {  // sums of t_j, t_j u_j (z = kz u) and t_j (u_j - mu)
+    if (S::active) {  // sums of t_j and t_j (u_j - mu)
       auto add = [&](V<C> t, V<C> u) {
-        const auto nz = t != (C)0;  // a zero target never meets -inf
         ts += t;
-        tz += nz ? t * u : V<C>{};
-        tu += nz ? t * (u - mx) : V<C>{};
+        tu += t != (C)0 ? t * (u - mx) : V<C>{};  // a zero target never meets -inf
       };
       for (j = 0; j < nv; j += W) add(sp.vec(b + j), u_at(j));
       if (nv < n) {
@@ -327,8 +325,19 @@ P row_partial(const T* x, int64_t c0, int64_t c1, const TR& tr_in, const S& sp,
     chunk.mu = (double)mu;
     if constexpr (std::is_same<P, CEPart>::value) {
       chunk.t_sum = (double)hsum<C>(ts);
-      chunk.tz_sum = tr.kz * (double)hsum<C>(tz);
-      chunk.tu = (double)hsum<C>(tu);  // mx = 0 where mu = -inf: then tu is sum_j t_j u_j
+      // mx = 0 where mu = -inf: then tu is sum_j t_j u_j
+      chunk.tu = (double)hsum<C>(tu);
+      // sum_j t_j u_j (z = kz u), for rows without a finite LSE: from tu, but
+      // beside +inf only the raw sum keeps inf - inf out of the other terms
+      double tz = chunk.tu + (double)mx * chunk.t_sum;
+      if (mu == (C)INFINITY) {
+        tz = 0;
+        for (int64_t i = 0; i < n; ++i) {
+          const C t = sp.at(b + i);
+          if (t != (C)0) tz += (double)t * tr.one_u(to_compute(xb[i]));
+        }
+      }
+      chunk.tz_sum = tr.kz * tz;
     }
     if constexpr (Stats) {
       chunk.h = tr.kz * (double)hsum<C>(h0 + h1);

@@ -53,8 +53,29 @@ template <class C> using V = typename Vec<C>::type;
 template <class C> using VI = typename Vec<C>::itype;
 
 template <class C> inline V<C> splat(C v) { return V<C>{} + v; }
+// a > b ? a : b and a < b ? a : b: x86's max and min exactly (b where either is
+// NaN), one instruction; the compiler leaves the select as a compare and a blend.
+#if LMXENT_VBYTES == 64
+#define LMXENT_MINMAX(name, op)                                                          \
+  template <class C> inline V<C> name(V<C> a, V<C> b) {                                 \
+    if constexpr (sizeof(C) == 4) return (V<C>)_mm512_##op##_ps((__m512)a, (__m512)b);  \
+    else return (V<C>)_mm512_##op##_pd((__m512d)a, (__m512d)b);                         \
+  }
+#elif LMXENT_VBYTES == 32
+#define LMXENT_MINMAX(name, op)                                                          \
+  template <class C> inline V<C> name(V<C> a, V<C> b) {                                 \
+    if constexpr (sizeof(C) == 4) return (V<C>)_mm256_##op##_ps((__m256)a, (__m256)b);  \
+    else return (V<C>)_mm256_##op##_pd((__m256d)a, (__m256d)b);                         \
+  }
+#endif
+#ifdef LMXENT_MINMAX
+LMXENT_MINMAX(vmax, max)
+LMXENT_MINMAX(vmin, min)
+#undef LMXENT_MINMAX
+#else
 template <class C> inline V<C> vmax(V<C> a, V<C> b) { return a > b ? a : b; }
 template <class C> inline V<C> vmin(V<C> a, V<C> b) { return a < b ? a : b; }
+#endif
 template <class C> inline V<C> vselect(VI<C> m, V<C> a, V<C> b) { return m ? a : b; }
 
 template <class C> inline C hsum(V<C> v) {
@@ -127,11 +148,19 @@ inline V<double> load(const double* p) { V<double> v; memcpy(&v, p, sizeof v); r
 inline void store(float* p, V<float> v) { memcpy(p, &v, sizeof v); }
 inline void store(double* p, V<double> v) { memcpy(p, &v, sizeof v); }
 
+// bf16 is float's upper half: widen and shift (one vpmovzxwd; the generic
+// conversion compiles to four shuffles with AVX-512).
 inline V<float> load(const bf16_t* p) {
+#if LMXENT_VBYTES == 64
+  return (V<float>)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16);
+#elif LMXENT_VBYTES == 32
+  return (V<float>)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16);
+#else
   Vec<float>::htype h;
   memcpy(&h, p, sizeof h);
   Vec<float>::utype u = __builtin_convertvector(h, Vec<float>::utype) << 16;
   return (V<float>)u;
+#endif
 }
 // Round to nearest even; NaN stays a (quiet) NaN.
 inline void store(bf16_t* p, V<float> v) {
@@ -307,7 +336,7 @@ template <> struct Exp2Neg<double> {
 template <class C, bool Clamp = true, bool Short = false>
 LMXENT_HOT V<C> vexp2_neg(V<C> y) {
   typedef Exp2Neg<C> K;
-  V<C> yc = Clamp ? (y < K::lo ? splat<C>(K::lo) : y) : y;  // NaN compares false: kept
+  V<C> yc = Clamp ? vmax<C>(splat<C>(K::lo), y) : y;  // a NaN y is kept
   V<C> t = yc + K::magic;
   V<C> n = t - K::magic;
   V<C> p;

@@ -56,28 +56,42 @@ def _check_rows_shape(a, name, lead):
                          f"got shape {a.shape}")
 
 
-def _per_row(value, name, lead, off, integer=False):
+def _scalar(v, integer):
+    """v is a Python or NumPy number of the kind (an integer within int64 when
+    `integer`): the common case, checked without building arrays first."""
+    if _is_int(v):
+        return -2**63 <= v < 2**63
+    return not integer and isinstance(v, (float, np.floating)) and np.dtype(type(v)).itemsize <= 8
+
+
+def _per_row(value, name, lead, off, ok, rule, integer=False):
     """`value` (None means `off`) as an array of the rows' shape `lead`: int64 ids/counts
-    when `integer`, else float64. A scalar applies to every row."""
-    a = np.asarray(off if value is None else value)
+    when `integer`, else float64. A scalar applies to every row. Raises ValueError
+    naming the first row (flat index) where ok(values) is False."""
+    v = off if value is None else value
+    dtype = np.int64 if integer else np.float64
+    if _scalar(v, integer):
+        if not ok(v):
+            raise ValueError(f"{name} must be {rule}, got {v} (row 0)")
+        return np.full(lead, v, dtype)
+    a = np.asarray(v)
     if a.dtype == bool or not (np.issubdtype(a.dtype, np.integer) or
                                (not integer and np.issubdtype(a.dtype, np.floating))):
         kind = "integers" if integer else "real numbers"
         raise TypeError(f"{name} must be {kind}, got {value!r}")
     _check_rows_shape(a, name, lead)
-    return np.broadcast_to(a.astype(np.int64 if integer else np.float64), lead)
-
-
-def _require(ok, name, rule, values):
-    """Raise ValueError naming the first row (flat index) where `ok` is False."""
-    ok, values = np.ravel(ok), np.ravel(values)
-    if not ok.all():
-        r = int(np.argmin(ok))
+    a = np.broadcast_to(a.astype(dtype), lead)
+    good, values = np.ravel(ok(a)), np.ravel(a)
+    if not good.all():
+        r = int(np.argmin(good))
         raise ValueError(f"{name} must be {rule}, got {values[r]} (row {r})")
+    return a
 
 
 def _uint64_per_row(value, name, lead):
     """Seeds and offsets: integers in [0, 2**64), scalar or one per row."""
+    if _is_int(value) and 0 <= value < 2**64:
+        return np.uint64(value)
     a = np.asarray(value)
     wide = a.dtype == object and all(_is_int(v) for v in a.ravel())  # beyond 64 bits
     if not wide and (a.dtype == bool or not np.issubdtype(a.dtype, np.integer)):
@@ -139,20 +153,15 @@ def _params(lead, temperature, top_k, top_p, min_p, repetition_penalty, presence
             frequency_penalty, prev_tokens):
     """The per-row parameters, checked, as arrays of the rows' shape (float64; top_k
     int64), "off" values for None."""
-    T = _per_row(temperature, "temperature", lead, 1.0)
-    _require((T >= 0) & np.isfinite(T), "temperature", ">= 0 and finite (0 = greedy)", T)
-    k = _per_row(top_k, "top_k", lead, 0, integer=True)
-    _require(k >= 0, "top_k", ">= 0 (0 = off)", k)
-    p = _per_row(top_p, "top_p", lead, 1.0)
-    _require((p > 0) & (p <= 1), "top_p", "in (0, 1] (1 = off)", p)
-    mp = _per_row(min_p, "min_p", lead, 0.0)
-    _require((mp >= 0) & (mp <= 1), "min_p", "in [0, 1] (0 = off)", mp)
-    rp = _per_row(repetition_penalty, "repetition_penalty", lead, 1.0)
-    _require((rp > 0) & np.isfinite(rp), "repetition_penalty", "positive and finite (1 = off)", rp)
-    pres = _per_row(presence_penalty, "presence_penalty", lead, 0.0)
-    _require(np.isfinite(pres), "presence_penalty", "finite", pres)
-    freq = _per_row(frequency_penalty, "frequency_penalty", lead, 0.0)
-    _require(np.isfinite(freq), "frequency_penalty", "finite", freq)
+    T = _per_row(temperature, "temperature", lead, 1.0, lambda v: (v >= 0) & np.isfinite(v),
+                 ">= 0 and finite (0 = greedy)")
+    k = _per_row(top_k, "top_k", lead, 0, lambda v: v >= 0, ">= 0 (0 = off)", integer=True)
+    p = _per_row(top_p, "top_p", lead, 1.0, lambda v: (v > 0) & (v <= 1), "in (0, 1] (1 = off)")
+    mp = _per_row(min_p, "min_p", lead, 0.0, lambda v: (v >= 0) & (v <= 1), "in [0, 1] (0 = off)")
+    rp = _per_row(repetition_penalty, "repetition_penalty", lead, 1.0,
+                  lambda v: (v > 0) & np.isfinite(v), "positive and finite (1 = off)")
+    pres = _per_row(presence_penalty, "presence_penalty", lead, 0.0, np.isfinite, "finite")
+    freq = _per_row(frequency_penalty, "frequency_penalty", lead, 0.0, np.isfinite, "finite")
     penalised = (rp != 1) | (pres != 0) | (freq != 0)
     if prev_tokens is None and penalised.any():
         raise ValueError("repetition, presence and frequency penalties need prev_tokens")
@@ -182,7 +191,8 @@ def _decode(logits, opts, out, sampling):
                                             "frequency_penalty", "prev_tokens")))
 
     def dev(a, dtype):  # a per-row (or flat) host array, contiguous, on x's device
-        return xp.asarray(np.ascontiguousarray(np.reshape(a, -1), dtype=dtype))
+        a = np.ascontiguousarray(np.asarray(a, dtype=dtype).reshape(-1))
+        return a if xp is np else xp.asarray(a)
 
     bias = None
     if opts["logit_bias"] is not None:
@@ -192,7 +202,7 @@ def _decode(logits, opts, out, sampling):
         hist = _history(opts["prev_tokens"], lead, V)
         L = hist.shape[-1]
         prev = dev(hist, np.int64) if L else None
-    per_row = [dev(np.broadcast_to(v, lead), np.int64 if name == "top_k" else np.float64)
+    per_row = [dev(v, np.int64 if name == "top_k" else np.float64)
                for name, v in zip(Params._fields, prm)]
     T, k, p, mp, rp, pres, freq = per_row
     res = None

@@ -109,7 +109,9 @@ Scan scan_row(const T* x, int64_t cols, const Level& level, int64_t* ids, const 
   constexpr int W = Vec<C>::W;
   float th = level(-(C)INFINITY);
   V<C> tv = splat<C>(th);
-  const V<C> iv = splat<C>(inv);
+  const V<C> iv2 = splat<C>(inv * kLog2e<C>);
+  // 16-bit logits: the shorter exp polynomial (simd.h), as cross-entropy's pass 1
+  constexpr bool kShort = sizeof(T) == 2;
   V<C> mx0 = splat<C>(-(C)INFINITY), mx1 = mx0;
   VI<C> nan = {};
   int64_t n = 0;
@@ -117,8 +119,8 @@ Scan scan_row(const T* x, int64_t cols, const Level& level, int64_t* ids, const 
   auto visit = [&](V<C> v, int64_t j, V<C>& e, V<C>& p, V<C>& mx) {
     mx = vmax<C>(mx, v);
     if (!Raw) nan |= v != v;
-    V<C> ev = Raw ? vexp_neg(v - tv) : V<C>{};
-    V<C> pv = Proc ? vexp_neg((v - tv) * iv) : V<C>{};
+    V<C> ev = Raw ? vexp2_neg<C, true, kShort>((v - tv) * kLog2e<C>) : V<C>{};
+    V<C> pv = Proc ? vexp2_neg<C, true, kShort>((v - tv) * iv2) : V<C>{};
     if (uint32_t ge = mask_ge(v, tv)) {
       ev = v >= tv ? V<C>{} : ev;
       pv = v >= tv ? V<C>{} : pv;
