@@ -168,8 +168,16 @@ inline void store(bf16_t* p, V<float> v) {
   U u = (U)v;
   U r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16;
   r = (VI<float>)(v != v) ? ((u >> 16) | 0x40) : r;
+  // narrow (r < 2^16): one vpmovdw / a pack, not the generic conversion's permutes
+#if LMXENT_VBYTES == 64
+  _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16((__m512i)r));
+#elif LMXENT_VBYTES == 32
+  const __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32((__m256i)r, (__m256i)r), 0xD8);
+  _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(w));
+#else
   Vec<float>::htype h = __builtin_convertvector(r & 0xFFFF, Vec<float>::htype);
   memcpy(p, &h, sizeof h);
+#endif
 }
 
 inline float f16_to_float(f16_t h) { _Float16 f; memcpy(&f, &h, 2); return (float)f; }
