@@ -345,6 +345,25 @@ template <class C, bool Clamp = true, bool Short = false>
 LMXENT_HOT V<C> vexp2_neg(V<C> y) {
   typedef Exp2Neg<C> K;
   V<C> yc = Clamp ? vmax<C>(splat<C>(K::lo), y) : y;  // a NaN y is kept
+#if LMXENT_VBYTES == 64
+  // f = y - round(y) in one vreduce (round to nearest even, as the magic
+  // number below), n = y - f exactly; 2^n by vscalef
+  V<C> f, n;
+  if constexpr (sizeof(C) == 4)
+    f = (V<C>)_mm512_reduce_ps((__m512)yc, 0);
+  else
+    f = (V<C>)_mm512_reduce_pd((__m512d)yc, 0);
+  n = yc - f;
+  V<C> p;
+  if constexpr (Short)
+    p = K::frac5(f);
+  else
+    p = K::frac(f);
+  if constexpr (sizeof(C) == 4)
+    return (V<C>)_mm512_scalef_ps((__m512)p, (__m512)n);
+  else
+    return (V<C>)_mm512_scalef_pd((__m512d)p, (__m512d)n);
+#else
   V<C> t = yc + K::magic;
   V<C> n = t - K::magic;
   V<C> p;
@@ -352,12 +371,6 @@ LMXENT_HOT V<C> vexp2_neg(V<C> y) {
     p = K::frac5(yc - n);
   else
     p = K::frac(yc - n);
-#if LMXENT_VBYTES == 64
-  if constexpr (sizeof(C) == 4)
-    return (V<C>)_mm512_scalef_ps((__m512)p, (__m512)n);
-  else
-    return (V<C>)_mm512_scalef_pd((__m512d)p, (__m512d)n);
-#else
   V<C> r = p * (V<C>)((VI<C>)t << (sizeof(C) == 4 ? 23 : 52));
   return Clamp ? (y < K::lo ? V<C>{} : r) : r;
 #endif
