@@ -312,7 +312,8 @@ LMXENT_HD CESpread ce_spread(bool prob_targets, double eps, int64_t V) {
 // vocabulary case), so 0 * inf is never formed; nor is a zero z_loss times an
 // infinite LSE. lse_zt = lse - z_t, passed formed (relative to the row's max
 // where z and lse are huge).
-// spread = sum_j t_j (lse - z_j), also passed formed (ce_spread_loss).
+// spread = sum_j t_j (lse - z_j), also passed formed (ce_row in row_math.h,
+// relative to the row's max; see spread_rebase).
 template <class C>
 LMXENT_HD C ce_loss(C lse, C lse_zt, C hard_w, C spread, C z_loss) {
   C hard = hard_w == (C)0 ? (C)0 : hard_w * lse_zt;
