@@ -71,7 +71,7 @@ export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 K_DEVICE="not fakecupy"
 K_SANITIZE="not fakecupy and (long_rows or strided or in_place or deferred or rank_ties or nan_stays or extreme or (decoding and 5000))"
 K_DECODING="not fakecupy and decoding"
-K_RACE="not fakecupy and (ce_long_rows or kl_long_rows or rank_ties or deferred)"
+K_RACE="not fakecupy and (ce_long_rows or kl_long_rows or rank_ties or deferred or (decoding and 5000))"
 K_STREAMS="not fakecupy and (stream or long_rows or deferred or in_place)"
 K_LARGE="not fakecupy and (2_31 or 2_32 or huge)"
 LOG_CAP=$((8 << 20))   # bytes of one step's output kept in its log file

@@ -1198,8 +1198,9 @@ def test_lm_head_host_round_trips(monkeypatch, rng, reduction, weighted):
 
 # ------------------------------------------------------------------ decoding
 
-# rows of one thread each on the GPU (lmxent/decoding.h): short and long rows,
-# every option; the results equal the CPU kernel's (the same float64 row math)
+# a block per row on the GPU (cuda/decoding_block.h): short and long rows, every
+# option; the results equal the CPU kernel's (the same float64 steps on each entry; sums
+# in another order, so log-probabilities within 1e-6)
 @pytest.mark.parametrize("dtype", [F32, BF16] if BF16 is not None else [F32], ids=dtype_id)
 @pytest.mark.parametrize("V", [7, 5000, 128256])
 def test_decoding_matches_cpu(xp, dtype, V, rng):

@@ -1,9 +1,9 @@
 // lmxent._cpu: NumPy arrays -> kernel views. The checks (what the kernels
 // assume: 2-D, contiguous last axis, aligned, dtypes, lengths, writability)
-// and the op bindings are core.h and ops.h, shared with lmxent._cuda; here is
-// how to read a NumPy array (buffer protocol), the kernel calls (with the GIL
-// released, on the kernel table chosen at load time), the output pool and the
-// CPU settings. The public API in python/lmxent reshapes, validates values and
+// and the op bindings are core.h and ops.h, shared with lmxent._cuda, and a
+// NumPy array is read by numpy_arrays.h; here are the kernel calls (with the
+// GIL released, on the kernel table chosen at load time), the output pool and
+// the CPU settings. The public API in python/lmxent reshapes, validates values and
 // allocates outputs.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -16,6 +16,7 @@
 #include "../cpu/kernels.h"
 #include "../cpu/output_pool.h"
 #include "../cpu/thread_pool.h"
+#include "numpy_arrays.h"
 #include "ops.h"
 
 namespace py = pybind11;
@@ -25,32 +26,8 @@ using lmxent::bindings::fail;
 
 namespace {
 
-// NumPy arrays, for core.h.
-struct Cpu {
-  using Array = const py::array&;
-  using Maybe = const py::object&;
-  struct Call {};
-
-  static py::array array(py::handle a, const std::string& name) {
-    if (!py::isinstance<py::array>(a))
-      fail(name, "expected a NumPy array, got " + std::string(py::str(py::type::of(a).attr("__name__"))));
-    return py::reinterpret_borrow<py::array>(a);
-  }
-  static lmxent::bindings::DTypeInfo dtype(py::handle a, const std::string& name) {
-    py::dtype dt = array(a, name).dtype();
-    const bool native = py::cast<bool>(dt.attr("isnative"));
-    return {dt.kind(), (int64_t)dt.itemsize(), native, dt};
-  }
-  static lmxent::bindings::Layout layout(py::handle h, const std::string& name, int64_t, Call&) {
-    const py::array a = array(h, name);
-    lmxent::bindings::Layout f;
-    f.ptr = (uintptr_t)a.data();
-    f.ndim = a.ndim();
-    for (int i = 0; i < 2 && i < f.ndim; ++i) f.shape[i] = a.shape(i), f.strides[i] = a.strides(i);
-    f.readonly = !a.writeable();
-    f.aligned = a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_;
-    return f;
-  }
+// NumPy arrays (numpy_arrays.h), for core.h; the kernels of the active ISA.
+struct Cpu : lmxent::bindings::NumpyArrays {
   template <class Args>
   static void run(const Args& a, Call&, const char*) {
     py::gil_scoped_release nogil;

@@ -1,8 +1,9 @@
 // The row math of the decoding ops (DecodeArgs, TopKArgs in contract.h),
-// written once as LMXENT_HD code: the CPU kernel (cpp/cpu/ops/decoding.cpp)
-// runs it on one thread per row, the CUDA kernel (cuda/decoding.cu) on one GPU
-// thread per row, so both backends take the same operations in the same order
-// as the float64 reference (python/lmxent/reference.py, docs/decoding.md):
+// written as LMXENT_HD code: the CPU kernel (cpp/cpu/ops/decoding.cpp) runs
+// it on one thread per row, taking the same operations in the same order as
+// the float64 reference (python/lmxent/reference.py, docs/decoding.md); the
+// CUDA kernel's block-per-row algorithm (cuda/decoding_block.h) shares its
+// per-entry steps (penalties, the generator) and its semantics:
 // every step is float64, whatever the logits' dtype.
 //
 // No sort of the vocabulary. Top-k: a threshold read off a strided sample of
