@@ -134,11 +134,6 @@ __global__ void __launch_bounds__(kThreads) top_k_kernel(TopKArgs a, char* scrat
   }
 }
 
-int64_t decode_bytes(const DecodeArgs& a) {
-  return block::row_bytes(a.logits.cols, true, a.prev != nullptr, a.tokens ? a.num_logprobs : 0);
-}
-int64_t top_k_bytes(const TopKArgs& a) { return block::row_bytes(a.x.cols, false, false, a.k); }
-
 unsigned grid(int64_t rows, int sm_count) { return (unsigned)(rows < sm_count ? rows : sm_count); }
 
 template <class Args, class Kernel>
@@ -151,26 +146,26 @@ int enqueue(const Args& a, const View2D& rows, const Launch& l, int64_t bytes, K
 }  // namespace
 
 size_t scratch(const DecodeArgs& a, int sm_count) {
-  return (size_t)grid(a.logits.rows, sm_count) * (size_t)decode_bytes(a);
+  return (size_t)grid(a.logits.rows, sm_count) * (size_t)block::row_bytes(a);
 }
 
 int launch(const DecodeArgs& a, const Launch& l) {
   int e = (int)cudaSuccess;
   with_dtype(a.logits.dtype, [&](auto* tag) {
-    e = enqueue(a, a.logits, l, decode_bytes(a), decode_kernel<std::remove_pointer_t<decltype(tag)>>);
+    e = enqueue(a, a.logits, l, block::row_bytes(a), decode_kernel<std::remove_pointer_t<decltype(tag)>>);
   });
   return e;
 }
 
 size_t scratch(const TopKArgs& a, int sm_count) {
-  return a.k == 0 ? 0 : (size_t)grid(a.x.rows, sm_count) * (size_t)top_k_bytes(a);
+  return a.k == 0 ? 0 : (size_t)grid(a.x.rows, sm_count) * (size_t)block::row_bytes(a);
 }
 
 int launch(const TopKArgs& a, const Launch& l) {
   if (a.k == 0) return (int)cudaSuccess;
   int e = (int)cudaSuccess;
   with_dtype(a.x.dtype, [&](auto* tag) {
-    e = enqueue(a, a.x, l, top_k_bytes(a), top_k_kernel<std::remove_pointer_t<decltype(tag)>>);
+    e = enqueue(a, a.x, l, block::row_bytes(a), top_k_kernel<std::remove_pointer_t<decltype(tag)>>);
   });
   return e;
 }

@@ -296,11 +296,18 @@ struct Stats {  // decode_logprobs' max, NaN flag and rank
 // and keys (P each, P = pow2_at_least of the top-n or k); the counts are
 // never needed with the others.
 LMXENT_HD int64_t cands_bytes(int64_t V) { return V > kList ? 24 * kList : 0; }
+// A multiple of 16 bytes: the next block's buffers start aligned (y is doubles).
 LMXENT_HD int64_t row_bytes(int64_t V, bool y, bool prev, int64_t listed) {
   const int64_t counts = prev ? 4 * V : 0;
   const int64_t lists = cands_bytes(V) + (listed > 0 ? 16 * pow2_at_least(listed) : 0);
-  return (y ? 8 * V : 0) + (counts > lists ? counts : lists);
+  return ((y ? 8 * V : 0) + (counts > lists ? counts : lists) + 15) & ~(int64_t)15;
 }
+// The per-block bytes of each op.
+LMXENT_HD int64_t row_bytes(const DecodeArgs& a) {
+  const int64_t V = a.logits.cols, n = a.tokens ? a.num_logprobs : 0;
+  return row_bytes(V, true, a.prev != nullptr, n < V ? n : V);
+}
+LMXENT_HD int64_t row_bytes(const TopKArgs& a) { return row_bytes(a.x.cols, false, false, a.k); }
 LMXENT_BLK Cands cands_at(unsigned char* aux) {
   uint64_t* k = (uint64_t*)aux;
   return {k, k + kList, (int64_t*)(k + 2 * kList)};
@@ -406,7 +413,8 @@ LMXENT_BLK void decode_block(B& b, const DecodeArgs& a, int64_t r, const Raw& ra
   double kth = -inf;
   int64_t listed = -1;  // >= 0: every top-k survivor is in the candidate list
   const int64_t k = a.top_k[r];
-  if (live && k > 0 && k < V) {
+  const bool greedy = T == 0;  // one finite entry left: every filter keeps it
+  if (live && !greedy && k > 0 && k < V) {
     auto one = [](int64_t) -> uint64_t { return 1; };
     listed = narrow(b, V, ykey, one, (uint64_t)k, 2 * k, c);
     kth = key_value(select_in(b, listed, c, V, ykey, one, (uint64_t)k).tau);
@@ -415,7 +423,7 @@ LMXENT_BLK void decode_block(B& b, const DecodeArgs& a, int64_t r, const Raw& ra
   // top-p over the top-k survivors: keep p >= that of the token crossing top_p
   double S = 1, pt = 0;
   const double top_p = a.top_p[r], min_p = a.min_p[r];
-  bool use_p = live && top_p < 1;
+  bool use_p = live && !greedy && top_p < 1;
   if (use_p) {
     double s = 0;
     if (listed >= 0) {
@@ -465,7 +473,7 @@ LMXENT_BLK void decode_block(B& b, const DecodeArgs& a, int64_t r, const Raw& ra
       if (!keep(j)) continue;
       const double wj = ::exp(y[j] - m);
       cum += wj;
-      if (cum > target) {
+      if (wj > 0 && cum > target) {  // never a zero weight (the scan's rounding at a segment's start)
         d.found = j;
         break;
       }

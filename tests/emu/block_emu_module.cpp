@@ -37,6 +37,8 @@ int64_t g_reads = 0;    // logits read by the last call (fibers share one OS thr
 // cleared) and followed by a guard that must stay intact.
 template <class F>
 void emulate(int64_t bytes, F&& body) {
+  // the GPU grid puts block b's buffers at b * bytes: a double there must be aligned
+  if (bytes % 16) throw std::logic_error("block emulator: row buffers of a size that misaligns the next block's");
   constexpr uint64_t kGarbage = 0xa5a5a5a5a5a5a5a5ull, kGuard = 0x6c6d78656e74ull;
   const int64_t words = (bytes + 7) / 8;
   std::vector<uint64_t> scratch(words + 8, kGarbage);
@@ -57,7 +59,7 @@ struct Emu : lmxent::bindings::NumpyArrays {
     lmxent::with_storage<cpu::f16_t, cpu::bf16_t>(a.logits.dtype, [&](auto* tag) {
       typedef std::remove_pointer_t<decltype(tag)> T;
       typedef typename cpu::Compute<T>::type C;
-      emulate(block::row_bytes(V, true, a.prev != nullptr, a.tokens ? a.num_logprobs : 0),
+      emulate(block::row_bytes(a),
               [&](EmuBlock& b, unsigned char* mem) {
                 for (int64_t r = 0; r < a.logits.rows; ++r) {
                   const T* x = (const T*)a.logits.data + r * a.logits.stride;
@@ -75,7 +77,7 @@ struct Emu : lmxent::bindings::NumpyArrays {
     py::gil_scoped_release nogil;
     lmxent::with_storage<cpu::f16_t, cpu::bf16_t>(a.x.dtype, [&](auto* tag) {
       typedef std::remove_pointer_t<decltype(tag)> T;
-      emulate(block::row_bytes(a.x.cols, false, false, a.k), [&](EmuBlock& b, unsigned char* mem) {
+      emulate(block::row_bytes(a), [&](EmuBlock& b, unsigned char* mem) {
         for (int64_t r = 0; r < a.x.rows; ++r) {
           const T* x = (const T*)a.x.data + r * a.x.stride;
           T* vals = (T*)a.values.data + r * a.values.stride;
