@@ -16,6 +16,10 @@ import pytest
 import test_decoding as D
 from test_decoding import *  # noqa: F401,F403 -- every test again, on the emulated block
 from test_decoding import _semantic_tests_call_lmxent  # noqa: F401 -- autouse
+from test_properties import (  # noqa: F401 -- the decoding properties again, on the block
+    test_process_logits_and_sample_match_reference,
+    test_top_k_matches_reference,
+)
 
 import lmxent as lx
 from lmxent import _arrays as A
