@@ -425,28 +425,22 @@ LMXENT_BLK void decode_block(B& b, const DecodeArgs& a, int64_t r, const Raw& ra
   const double top_p = a.top_p[r], min_p = a.min_p[r];
   bool use_p = live && !greedy && top_p < 1;
   if (use_p) {
+    // the entries with a weight: top-k's list when there is one (it holds every survivor), else the row
+    const int64_t ne = listed >= 0 ? listed : V;
+    auto at = [&](int64_t i) { return listed >= 0 ? c.index[i] : i; };
     double s = 0;
-    if (listed >= 0) {
-      for (int64_t i = t; i < listed; i += nt)
-        if (kept_k(c.index[i])) s += ::exp(y[c.index[i]] - m);
-    } else {
-      for (int64_t j = t; j < V; j += nt)
-        if (kept_k(j)) s += ::exp(y[j] - m);
-    }
+    for (int64_t i = t; i < ne; i += nt)
+      if (kept_k(at(i))) s += ::exp(y[at(i)] - m);
     S = b.reduce(s, [](double x, double z) { return x + z; });
     constexpr double kFix = 0x1p60;  // probabilities in 2^-60 units
     const uint64_t target = (uint64_t)::ceil(top_p * kFix);
     auto weight = [&](int64_t j) -> uint64_t {
       return kept_k(j) ? (uint64_t)(::exp(y[j] - m) / S * kFix + 0.5) : 0;
     };
-    Select sel;
-    if (listed >= 0) {  // the top-k list holds every token with a weight
-      sel = radix_select(b, listed, [&](int64_t i) { return c.key[i]; },
-                         [&](int64_t i) { return weight(c.index[i]); }, target);
-    } else {
-      const int64_t np = narrow(b, V, ykey, weight, target, kList / 4, c);
-      sel = select_in(b, np, c, V, ykey, weight, target);
-    }
+    const int64_t np = listed >= 0 ? -1 : narrow(b, V, ykey, weight, target, kList / 4, c);
+    const Select sel = np >= 0 ? select_in(b, np, c, V, ykey, weight, target)
+                               : radix_select(b, ne, [&](int64_t i) { return ykey(at(i)); },
+                                              [&](int64_t i) { return weight(at(i)); }, target);
     use_p = sel.total >= target;  // else the mass never reaches top_p: all stay
     pt = ::exp(key_value(sel.tau) - m) / S;
   }
